@@ -48,7 +48,8 @@ def lr_bounds(h) -> tuple[float, float]:
     elif h.ndim == 2 and h.shape[0] == h.shape[1] and np.allclose(h, h.T):
         eig = np.linalg.eigvalsh(h)
     else:
-        raise ValueError(f"h must be a 1-D diagonal or a square symmetric matrix, got shape {h.shape}")
+        raise ValueError(f"h must be a 1-D diagonal or a square symmetric matrix, "
+                         f"got shape {h.shape}")
     if eig.min() <= 0:
         raise ValueError(f"Theorem 2 needs a positive definite Hessian; smallest eigenvalue is "
                          f"{eig.min():g}")
@@ -263,8 +264,8 @@ def figure3_left(path, steps: int = 40, seed: int = 0) -> Path:
     problem = StochasticQuadratic(H, rng.normal(0.0, 0.5, (50, 2)))
     theta0, lr = problem.theta_star + np.array([-2.5, 2.5]), 0.15
     runs = {"GD": (run_gd(problem, theta0, lr, steps), "red"),
-            "FO-SGD": (run_sgd(problem, theta0, lr, steps, batch_size=5, seed=seed), "green"),
-            "ZO-SGD (q=1)": (run_zo_sgd(problem, theta0, lr, steps, batch_size=5, seed=seed), "blue")}
+            "FO-SGD": (run_sgd(problem, theta0, lr, steps, 5, seed=seed), "green"),
+            "ZO-SGD (q=1)": (run_zo_sgd(problem, theta0, lr, steps, 5, seed=seed), "blue")}
     fig, ax = _figure()
     span = np.abs(theta0 - problem.theta_star).max() * 1.3
     xs = problem.theta_star[0] + np.linspace(-span, span, 200)
