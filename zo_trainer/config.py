@@ -1,0 +1,107 @@
+"""ZOConfig: TrainingArguments plus the zeroth-order settings (every existing field keeps its meaning)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .zo import ESTIMATORS, REDUCTIONS, SAMPLERS
+
+TRAINING_ORDERS = ("zo", "fo")
+ZO_PARALLEL_MODES = ("data", "query")
+
+
+@dataclass
+class ZOConfig(TrainingArguments):
+    r"""[`~transformers.TrainingArguments`] for [`ZOTrainer`].
+
+    The ZO step estimates the gradient with SPSA from forward passes only:
+    ``g = c · Σ_k (L(θ + ε z_k) − L(θ − ε z_k)) / (2ε) · z_k`` with ``c = 1/q`` (mean) or 1 (sum), then
+    applies ``θ ← θ − lr · (g + weight_decay · θ)`` (ZO-SGD; the `lr_scheduler_type` drives lr).
+    """
+
+    training_order: str = field(
+        default="zo",
+        metadata={
+            "help": "How the trainable parameters learn: 'zo' (forward-only SPSA) or 'fo' (plain backprop through "
+            "the same trainer, for baselines).",
+            "choices": list(TRAINING_ORDERS),
+        },
+    )
+    zo_eps: float = field(
+        default=1e-3, metadata={"help": "Perturbation scale ε of the probes (the paper uses 1e-4, MeZO 1e-3)."}
+    )
+    zo_num_queries: int = field(
+        default=1, metadata={"help": "Query budget q: directions per step (2q forwards with the central estimator)."}
+    )
+    zo_query_reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "How the q directional estimates combine: 'mean' (MeZO and most peers) or 'sum' (the paper's "
+            "formula: the step grows with q).",
+            "choices": list(REDUCTIONS),
+        },
+    )
+    zo_estimator: str = field(
+        default="central",
+        metadata={
+            "help": "'central': (L(θ+εz) − L(θ−εz)) / 2ε, 2q forwards; 'forward': (L(θ+εz) − L(θ)) / ε, q+1 forwards.",
+            "choices": list(ESTIMATORS),
+        },
+    )
+    zo_distribution: str = field(
+        default="gaussian",
+        metadata={"help": "Distribution of the direction entries (mean 0, variance 1).", "choices": sorted(SAMPLERS)},
+    )
+    zo_correlation: float = field(
+        default=0.0,
+        metadata={
+            "help": "α in (−1, 1) of the paper's Algorithm 1: z_k = α z_{k−1} + sqrt(1−α²) w_k, so consecutive "
+            "directions have correlation α (0 = independent; negative values reduce the variance)."
+        },
+    )
+    zo_seed: int | None = field(
+        default=None,
+        metadata={"help": "Base seed of the directions (derived per step, query and parameter). Default: `seed`."},
+    )
+    zo_write_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the ZO estimate into `.grad` and step the optimizer chosen by `optim` (AdamW, momentum "
+            "SGD, ...). Costs one gradient-sized buffer plus that optimizer's state; default False runs ZO-SGD in "
+            "place with no gradient and no optimizer state."
+        },
+    )
+    zo_parallel: str = field(
+        default="data",
+        metadata={
+            "help": "With several processes: 'data' (each evaluates all q directions on its shard of the batch) or "
+            "'query' (each evaluates q/P directions on the same batch).",
+            "choices": list(ZO_PARALLEL_MODES),
+        },
+    )
+
+    def __post_init__(self):
+        _check_choice("training_order", self.training_order, TRAINING_ORDERS)
+        _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
+        _check_choice("zo_estimator", self.zo_estimator, ESTIMATORS)
+        _check_choice("zo_distribution", self.zo_distribution, tuple(sorted(SAMPLERS)))
+        _check_choice("zo_parallel", self.zo_parallel, ZO_PARALLEL_MODES)
+        if not (isinstance(self.zo_eps, (int, float)) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
+            raise ValueError(f"zo_eps={self.zo_eps!r} must be a finite number > 0 (the paper uses 1e-4)")
+        if isinstance(self.zo_num_queries, bool) or not isinstance(self.zo_num_queries, int) or self.zo_num_queries < 1:
+            raise ValueError(f"zo_num_queries={self.zo_num_queries!r} must be an integer >= 1")
+        if not -1.0 < self.zo_correlation < 1.0:
+            raise ValueError(f"zo_correlation={self.zo_correlation!r} must lie in the open interval (-1, 1)")
+        if self.zo_correlation and self.zo_num_queries < 2:
+            raise ValueError(f"zo_correlation={self.zo_correlation} needs zo_num_queries >= 2 (got {self.zo_num_queries})")
+        super().__post_init__()
+        if self.zo_seed is None:
+            self.zo_seed = self.seed
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")

@@ -1,0 +1,212 @@
+"""ZOTrainer: `transformers.Trainer` whose training step is forward-only SPSA (ZO-SGD).
+
+A thin adapter: the engine in `zo_trainer.zo` estimates and updates; this class wires it to the
+Trainer's loop. The Trainer already calls `optimizer.step()` once per accumulation window and
+`lr_scheduler.step()` after it, so the ZO update is an Optimizer (`ZOSGD`) and scheduling,
+accumulation, logging, evaluation and checkpoints work unchanged. `training_order="fo"` runs the
+parent's backprop step, so baselines share every line of code but the step itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .config import ZOConfig
+from .zo import ZOSGD, Probe, ZOEstimator
+
+
+class ZOTrainer(Trainer):
+    """Drop-in replacement for `Trainer`: same constructor, same methods, ZO training by default.
+
+    A plain `TrainingArguments` is accepted and read as a `ZOConfig` with the default ZO settings.
+    """
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *positional, **kwargs):
+        if args is None:
+            args = ZOConfig(output_dir="trainer_output")
+        elif not isinstance(args, ZOConfig):
+            args = ZOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+        super().__init__(model, args, *positional, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "ZOTrainer does not support FSDP or DeepSpeed sharding: ZO probes perturb whole parameters "
+                "inside each module's forward. Use data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO "
+                "step already runs at inference memory."
+            )
+        self.training_order = self.args.training_order
+        self.zo_estimator = ZOEstimator(
+            self.model,
+            eps=self.args.zo_eps,
+            num_queries=self.args.zo_num_queries,
+            estimator=self.args.zo_estimator,
+            reduction=self.args.zo_query_reduction,
+            distribution=self.args.zo_distribution,
+            correlation=self.args.zo_correlation,
+            seed=self.args.zo_seed,
+        )
+        self._zo_sgd: ZOSGD | None = None
+        self._pending_grad: torch.Tensor | None = None  # zo_write_grad mode: projected gradients of this window
+        self._window = _LogWindow()
+        self._counters: dict[str, float] | None = None  # forward_passes / wall_time, carried across resumes
+
+    @property
+    def zo_active(self) -> bool:
+        return self.training_order == "zo"
+
+    # ------------------------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        """ZO-SGD (stateless, in place) unless `zo_write_grad` asks for the `optim` of the config."""
+        if self.optimizer is None and self.zo_active and not self.args.zo_write_grad:
+            if self.optimizer_cls_and_kwargs is not None:
+                raise ValueError(
+                    "optimizer_cls_and_kwargs was given but ZO-SGD ignores it: set zo_write_grad=True to feed the "
+                    "ZO estimate to your optimizer"
+                )
+            self.optimizer_cls_and_kwargs = (ZOSGD, {"estimator": self.zo_estimator, "lr": self.args.learning_rate})
+            try:
+                super().create_optimizer(model)
+            finally:
+                self.optimizer_cls_and_kwargs = None
+            self._zo_sgd = self.optimizer
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def _zo_optimizer(self) -> ZOSGD:
+        if self._zo_sgd is None:
+            raise ValueError(
+                "ZO-SGD needs ZOTrainer's own optimizer; a custom optimizer was passed in `optimizers=`. Set "
+                "zo_write_grad=True to feed the ZO estimate to it."
+            )
+        return self._zo_sgd
+
+    # ---------------------------------------------------------------------------------- the ZO step
+    def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        self._start_counters()
+        if not self.zo_active:
+            self._use_grad_scaler(True)
+            self._counters["forward_passes"] += 1
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._use_grad_scaler(False)  # no backward: a GradScaler would find no gradient to unscale
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        forward_model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=True)  # no DDP hooks needed
+
+        def loss_fn() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(forward_model, inputs, num_items_in_batch=num_items_in_batch)
+
+        probe = self.zo_estimator.probe(loss_fn, step=self.state.global_step)
+        weight = 1.0 if self._loss_is_scaled_for_accumulation(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        self._accumulate(probe, weight)
+        self._counters["forward_passes"] += probe.num_forwards
+        if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
+            self._finish_zo_step()
+        return (probe.loss * weight).to(self.args.device, torch.float32)
+
+    def _accumulate(self, probe: Probe, weight: float) -> None:
+        if self.args.zo_write_grad:
+            weighted = probe.projected_grads * weight
+            self._pending_grad = weighted if self._pending_grad is None else self._pending_grad + weighted
+        else:
+            self._zo_optimizer().accumulate(probe, weight)
+
+    def _finish_zo_step(self) -> None:
+        """Average the projected gradients over processes, skip a non-finite estimate, stage the update."""
+        step = self.state.global_step
+        if self.args.zo_write_grad:
+            projected, self._pending_grad = self._pending_grad, None
+        else:
+            projected = self._zo_optimizer().pending
+        if self.accelerator.num_processes > 1:  # without a backward, DDP reduces nothing: q scalars do it
+            projected = self.accelerator.reduce(projected, reduction="mean")
+        finite = bool(torch.isfinite(projected).all())
+        self._window.add(projected if finite else None)
+        if self.args.zo_write_grad:
+            if finite:
+                trainable = [p for _, p in self.zo_estimator.trainable()]
+                self.zo_estimator.write_grad(step, self.zo_estimator.coefficients(projected), trainable)
+        elif finite:
+            self._zo_optimizer().pending = projected
+        else:
+            self._zo_optimizer().discard()
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Mirror of `Trainer.training_step`: is the micro-batch loss already a share of the batch loss?"""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _use_grad_scaler(self, enabled: bool) -> None:
+        """fp16 makes accelerate create a GradScaler; ZO steps must bypass it, FO steps need it."""
+        if not hasattr(self, "_grad_scaler"):
+            self._grad_scaler = self.accelerator.scaler
+        scaler = self._grad_scaler if enabled else None
+        self.accelerator.scaler = scaler
+        if hasattr(self.optimizer, "scaler"):
+            self.optimizer.scaler = scaler
+
+    def _clip_grad_norm(self, model):
+        if self.zo_active and not self.args.zo_write_grad:
+            return None  # ZO-SGD has no gradient tensor to clip
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.zo_active and not self.args.zo_write_grad:
+            return None
+        return super()._get_grad_norm(model, grad_norm)
+
+    # -------------------------------------------------------------------------------------- logging
+    def _start_counters(self) -> None:
+        """Cumulative forward passes and wall time, continued from the logs of a resumed run."""
+        if self._counters is not None:
+            return
+        last = {}
+        for entry in self.state.log_history:
+            last.update({k: entry[k] for k in ("forward_passes", "wall_time") if k in entry})
+        self._counters = {"forward_passes": last.get("forward_passes", 0), "wall_time": last.get("wall_time", 0.0)}
+        self._clock_start = time.monotonic() - self._counters["wall_time"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._counters is not None:  # a training log (not eval, not the final summary)
+            logs["forward_passes"] = self._counters["forward_passes"]
+            logs["wall_time"] = round(time.monotonic() - self._clock_start, 3)
+            logs["trainable_parameters"] = sum(p.numel() for _, p in self.zo_estimator.trainable())
+            logs.update(self._window.flush())
+        super().log(logs, start_time)
+
+
+class _LogWindow:
+    """ZO statistics between two training logs; refuses a window in which every update was skipped."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+        self.skipped = 0
+
+    def add(self, projected: torch.Tensor | None) -> None:
+        if projected is None:
+            self.skipped += 1
+        else:
+            self.values.append(projected.detach().float().cpu())
+
+    def flush(self) -> dict[str, float]:
+        values, skipped = self.values, self.skipped
+        self.values, self.skipped = [], 0
+        if not values and not skipped:
+            return {}
+        if not values:
+            raise RuntimeError(
+                f"all {skipped} ZO updates since the last log were skipped because the probe losses were not "
+                "finite: the model has diverged or the loss overflows (lower learning_rate or zo_eps, or use bf16/"
+                "fp32 instead of fp16)"
+            )
+        projected = torch.cat(values)
+        return {
+            "zo_projected_grad": projected.mean().item(),
+            "zo_projected_grad_abs": projected.abs().mean().item(),
+            "zo_skipped_updates": skipped,
+        }

@@ -1,0 +1,256 @@
+"""The SPSA (ZO-SGD) gradient estimate, evaluated with forward passes only.
+
+    g = c · Σ_k (L(θ + ε z_k) − L(θ − ε z_k)) / (2ε) · z_k,   c = 1/q ("mean") or 1 ("sum")
+
+The probes never write the stored weights: a forward pre-hook on each module that owns trainable
+parameters swaps in ``p ± ε z`` for the duration of that module's forward and swaps the original back
+afterwards. So the weights are restored exactly by construction, in every dtype (the in-place
+``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
+perturbed, and at most one module's perturbed copy is alive at a time (tied weights excepted: their
+copy is kept from the first user to the last, so they are drawn once per forward).
+
+The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .directions import DirectionSampler, scratch_buffer
+
+ESTIMATORS = ("central", "forward")
+REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class Probe:
+    """What one call of :meth:`ZOEstimator.probe` measured on one batch."""
+
+    step: int
+    queries: list[int]
+    projected_grads: torch.Tensor  # shape (q,): zero for the queries this call did not evaluate
+    losses: torch.Tensor  # every probe loss, in evaluation order
+    num_forwards: int
+    names: tuple[str, ...] = field(default=())  # the parameters that were perturbed
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The training loss to report: the mean of the probe losses."""
+        return self.losses.mean()
+
+
+class ZOEstimator:
+    """Forward-only gradient estimates for the trainable parameters of ``model``.
+
+    Trainable means ``requires_grad=True`` at the time of the probe, so freezing parameters between
+    steps (reduced dimension, blockwise training) shrinks the cost and the noise of the estimate.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float = 1e-3,
+        num_queries: int = 1,
+        estimator: str = "central",
+        reduction: str = "mean",
+        distribution: str = "gaussian",
+        correlation: float = 0.0,
+        seed: int = 0,
+    ):
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps={eps!r} must be a finite number > 0")
+        if not (isinstance(num_queries, int) and num_queries >= 1):
+            raise ValueError(f"num_queries={num_queries!r} must be an integer >= 1")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} is not supported; choose one of {ESTIMATORS}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not supported; choose one of {REDUCTIONS}")
+        self.model = model
+        self.eps = float(eps)
+        self.num_queries = num_queries
+        self.estimator = estimator
+        self.reduction = reduction
+        self.sampler = DirectionSampler(distribution, correlation, seed)
+        self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------- probe
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def probe(self, loss_fn: Callable[[], torch.Tensor], step: int, queries: Iterable[int] | None = None) -> Probe:
+        """Evaluate ``loss_fn`` at perturbed weights and return the projected gradients.
+
+        ``loss_fn`` runs the model's forward on one batch and returns a scalar loss. ``queries``
+        restricts the evaluation to a subset of the q directions (query-parallel training).
+        """
+        queries = list(range(self.num_queries)) if queries is None else sorted(queries)
+        if not queries or queries[0] < 0 or queries[-1] >= self.num_queries:
+            raise ValueError(f"queries={queries} must be a non-empty subset of range({self.num_queries})")
+        trainable = self.trainable()
+        if not trainable:
+            raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
+        rng = _RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
+        losses = []
+        if self.estimator == "forward":
+            losses.append(_scalar(loss_fn()))
+        for k in queries:
+            for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
+                rng.restore()
+                with self.perturbed(trainable, step, k, sign):
+                    losses.append(_scalar(loss_fn()))
+        losses = torch.stack(losses)
+        projected = torch.zeros(self.num_queries, dtype=torch.float64, device=losses.device)
+        if self.estimator == "central":
+            projected[queries] = (losses[0::2] - losses[1::2]) / (2 * self.eps)
+        else:
+            projected[queries] = (losses[1:] - losses[0]) / self.eps
+        return Probe(
+            step=step,
+            queries=queries,
+            projected_grads=projected,
+            losses=losses,
+            num_forwards=len(losses),
+            names=tuple(n for n, _ in trainable),
+        )
+
+    def perturbed(self, trainable: list[tuple[str, nn.Parameter]], step: int, query: int, sign: float):
+        """Context in which every forward sees ``p + sign·ε·z_query`` for each trainable ``p``."""
+        return _Perturbation(self, trainable, step, query, sign * self.eps)
+
+    # ---------------------------------------------------------------------------------------- update
+    def coefficients(self, projected_grads: torch.Tensor) -> torch.Tensor:
+        """Per-query weights c_k of g = Σ c_k z_k (the query reduction applied)."""
+        return projected_grads / self.num_queries if self.reduction == "mean" else projected_grads.clone()
+
+    @torch.no_grad()
+    def apply_update(
+        self, step: int, coefficients: torch.Tensor, params: Iterable[tuple[nn.Parameter, float, float]]
+    ) -> None:
+        """ZO-SGD in place: ``p ← p·(1 − lr·wd) − lr·Σ_k c_k z_k`` for each (p, lr, wd) given.
+
+        z is redrawn chunk by chunk, so the only temporary is the chunk buffer.
+        """
+        coefficients = coefficients.tolist()
+        queries = [k for k, c in enumerate(coefficients) if c != 0]
+        for p, lr, weight_decay in params:
+            if weight_decay:
+                p.mul_(1.0 - lr * weight_decay)
+            if not queries or lr == 0:
+                continue
+            flat = _flat_view(p)
+            for where, k, z in self._chunks(p, step, queries):
+                flat[where].add_(z.to(p.dtype), alpha=-lr * coefficients[k])
+
+    @torch.no_grad()
+    def write_grad(self, step: int, coefficients: torch.Tensor, params: Iterable[nn.Parameter]) -> None:
+        """Materialise g into ``p.grad`` so any torch optimizer can consume it (costs one gradient's memory)."""
+        coefficients = coefficients.tolist()
+        queries = [k for k, c in enumerate(coefficients) if c != 0]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            flat = _flat_view(p.grad)
+            for where, k, z in self._chunks(p, step, queries):
+                flat[where].add_(z.to(p.grad.dtype), alpha=coefficients[k])
+
+    def name_of(self, p: nn.Parameter) -> str:
+        return self._names[id(p)]
+
+    def _chunks(self, p: nn.Parameter, step: int, queries: list[int]):
+        if not queries:
+            return iter(())
+        scratch = self._scratch.get(p.device)
+        if scratch is None:
+            scratch = self._scratch[p.device] = scratch_buffer(p.device)
+        return self.sampler.chunks(self.name_of(p), p.numel(), step, queries, scratch)
+
+
+class _Perturbation:
+    """Swaps ``p + δ·z`` into each owning module around its forward; never writes ``p`` itself."""
+
+    def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
+        self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
+        self.owned: dict[nn.Module, list[tuple[str, nn.Parameter]]] = defaultdict(list)
+        trainable_ids = {id(p) for _, p in trainable}
+        for module in estimator.model.modules():
+            for local_name, p in module.named_parameters(recurse=False):
+                if id(p) in trainable_ids:
+                    self.owned[module].append((local_name, p))
+        self.users = defaultdict(int)  # modules sharing a parameter (tied weights)
+        for params in self.owned.values():
+            for _, p in params:
+                self.users[id(p)] += 1
+
+    def __enter__(self):
+        self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
+        self.handles = []
+        for module in self.owned:
+            self.handles.append(module.register_forward_pre_hook(self._swap_in))
+            self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
+            for local_name, p in params:
+                module._parameters[local_name] = p
+        self.cache.clear()
+
+    def _swap_in(self, module, args):
+        for local_name, p in self.owned[module]:
+            module._parameters[local_name] = self._perturbed(p)
+
+    def _swap_out(self, module, args, output):
+        for local_name, p in self.owned[module]:
+            module._parameters[local_name] = p
+            copy, left = self.cache.pop(id(p))
+            if left > 1:
+                self.cache[id(p)] = (copy, left - 1)
+        return output
+
+    def _perturbed(self, p: nn.Parameter) -> torch.Tensor:
+        if id(p) in self.cache:
+            return self.cache[id(p)][0]
+        out = torch.empty_like(p, memory_format=torch.contiguous_format)
+        flat_out, flat_p = out.view(-1), _flat_view(p)
+        for where, _, z in self.estimator._chunks(p, self.step, [self.query]):
+            torch.add(flat_p[where], z, alpha=self.delta, out=flat_out[where])
+        self.cache[id(p)] = (out, self.users[id(p)])
+        return out
+
+
+class _RngState:
+    """Snapshot of the global RNG (dropout) of ``device``, restored before each probe forward."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accel is not None:
+            torch.cuda.set_rng_state(self.accel, self.device)
+
+
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError("zo_trainer needs contiguous parameters (regenerating z walks the flat storage)")
+    return t.detach().view(-1)
+
+
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+    return loss.detach().reshape(()).double()
