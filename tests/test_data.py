@@ -117,7 +117,8 @@ def test_empty_dataset_is_rejected(tmp_path):
 
 def test_block_size_larger_than_corpus_names_token_count(tmp_path, tokenizer):
     docs = make_docs(20)
-    args = DataArguments(train_files=[write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in docs])], block_size=50_000)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in docs])
+    args = DataArguments(train_files=[path], block_size=50_000)
     raw = load_raw_dataset(args)
     n_train_tokens = sum(len(tokenizer.encode(t)) + 1 for t in raw["train"]["text"])
     with pytest.raises(ValueError, match=f"block_size=50000 .*train split \\({n_train_tokens} tokens\\)"):

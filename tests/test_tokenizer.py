@@ -23,7 +23,8 @@ def test_trained_bpe_has_requested_vocab_and_special_tokens(tokenizer):
     assert tokenizer.model_max_length == 256
     for name, token in SPECIAL_TOKENS.items():
         assert getattr(tokenizer, name) == token
-    assert [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id] == [0, 1, 2, 3]
+    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id]
+    assert ids == [0, 1, 2, 3]
 
 
 def test_byte_level_bpe_is_lossless_and_compresses_unseen_text(tokenizer, speeches):

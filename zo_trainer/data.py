@@ -57,7 +57,9 @@ class DataArguments:
                 raise ValueError("train_files is empty; give at least one file or leave it unset.")
             suffixes = {Path(f).suffix.lower() for f in self.train_files}
             if not suffixes <= FILE_BUILDERS.keys() or len({FILE_BUILDERS[s] for s in suffixes}) != 1:
-                raise ValueError(f"train_files must all be one kind of {sorted(FILE_BUILDERS)}; got {self.train_files}.")
+                raise ValueError(
+                    f"train_files must all be one kind of {sorted(FILE_BUILDERS)}; got {self.train_files}."
+                )
             for file in self.train_files:
                 if not Path(file).expanduser().is_file():
                     raise FileNotFoundError(f"train_files: no such file {file!r}.")
@@ -66,7 +68,9 @@ class DataArguments:
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2 (a target needs a previous token); got {self.block_size}.")
         if not 0 < self.validation_split_percentage < 100:
-            raise ValueError(f"validation_split_percentage must be in (0, 100); got {self.validation_split_percentage}.")
+            raise ValueError(
+                f"validation_split_percentage must be in (0, 100); got {self.validation_split_percentage}."
+            )
         for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -148,7 +152,8 @@ def load_raw_dataset(args: DataArguments) -> datasets.DatasetDict:
     raw = raw.filter(lambda batch: [bool(t and t.strip()) for t in batch[column]], batched=True,
                      desc="Dropping empty documents")
     if len(raw["train"]) == 0:
-        raise ValueError(f"Dataset {args.train_files or args.dataset_name!r} has no non-empty text in column {column!r}.")
+        source = args.train_files or args.dataset_name
+        raise ValueError(f"Dataset {source!r} has no non-empty text in column {column!r}.")
     if "validation" not in raw:
         if len(raw["train"]) < 2:
             raise ValueError("Carving a validation split needs at least 2 documents; the train split has 1.")
@@ -160,7 +165,7 @@ def load_raw_dataset(args: DataArguments) -> datasets.DatasetDict:
 
 
 def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
-    """run_clm.py's `group_texts`: concatenate a batch of documents and cut it into full blocks (the remainder is dropped)."""
+    """run_clm.py's `group_texts`: concatenate a batch of documents, cut it into full blocks, drop the remainder."""
     concatenated = {k: list(chain(*examples[k])) for k in examples}
     total_length = len(concatenated["input_ids"]) // block_size * block_size
     result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
@@ -171,7 +176,9 @@ def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
 def build_lm_datasets(args: DataArguments, tokenizer, raw_datasets: datasets.DatasetDict | None = None):
     """(train, eval) datasets of `input_ids`/`labels` blocks; pass `raw_datasets` to reuse a loaded corpus."""
     if args.block_size > tokenizer.model_max_length:
-        raise ValueError(f"block_size={args.block_size} exceeds the tokenizer's model_max_length={tokenizer.model_max_length}.")
+        raise ValueError(
+            f"block_size={args.block_size} exceeds the tokenizer's model_max_length={tokenizer.model_max_length}."
+        )
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token; it is needed to separate documents.")
     raw = raw_datasets if raw_datasets is not None else load_raw_dataset(args)

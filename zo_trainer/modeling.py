@@ -13,7 +13,7 @@ model (§3.2), so the shape is chosen to hit both:
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 PRESETS: dict[str, dict] = {
     "llama2-20m": dict(hidden_size=320, intermediate_size=416, num_hidden_layers=12, num_attention_heads=8,
@@ -37,13 +37,15 @@ class ModelArguments:
     )
     model_preset: str = field(
         default="llama-tiny",
-        metadata={"help": f"Random-init architecture when model_name_or_path and config_name are unset: {list(PRESETS)}."},
+        metadata={"help": f"Random-init architecture used when model_name_or_path and config_name are unset: "
+                          f"{list(PRESETS)}."},
     )
     config_name: str | None = field(
         default=None, metadata={"help": "Hub id or local path of any model config to build with random init."}
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Hub id or local dir of a tokenizer; None trains a byte-level BPE on the corpus."}
+        default=None,
+        metadata={"help": "Hub id or local dir of a tokenizer; None trains a byte-level BPE on the corpus."},
     )
     vocab_size: int | None = field(
         default=None, metadata={"help": "Vocabulary of the trained tokenizer (default: the preset's)."}
@@ -88,11 +90,10 @@ def build_model(
     else:
         if args.config_name:
             config = _from_hub(AutoConfig.from_pretrained, args.config_name)
-            config.update(dict(vocab_size=vocab_size, **token_ids))
-            model = AutoModelForCausalLM.from_config(config)
         else:
-            model = LlamaForCausalLM(LlamaConfig(**{**preset_kwargs(args.model_preset), "vocab_size": vocab_size}, **token_ids))
-        model = model.to(dtype)
+            config = LlamaConfig(**preset_kwargs(args.model_preset))
+        config.update(dict(vocab_size=vocab_size, **token_ids))  # the tokenizer decides the vocabulary
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.config.use_cache = False  # no generation during training; the KV cache only costs memory
     return model
 
