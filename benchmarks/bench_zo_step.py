@@ -1,0 +1,261 @@
+"""How close is a ZO step to its physical limit: 2q forward passes, at inference memory?
+
+    python benchmarks/bench_zo_step.py                      # small + 20m, ~5 min on 2 cores
+    python benchmarks/bench_zo_step.py --quick              # small only, 2 repeats (< 1 min)
+    python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
+
+Two random-init Llama models (no download): "small" (1.3M params, batch 8x128) and "20m" (the paper's
+llama2-20m, 20.0M params, batch 8x256). For each it reports
+
+* time (median of --repeats after one warm-up; the kinds are interleaved round-robin within each
+  repeat so that load drifting on a shared machine hits every kind alike): forward only, ZO step
+  (zo_trainer.zo: probe + accumulate + step, central, Gaussian) for q=1 and q=4, an inline MeZO
+  reference step (the published 4-sweep algorithm) for q=1 and q=4, and an FO-SGD step;
+* peak memory of inference / ZO step (q=1) / FO-SGD step, each in a fresh subprocess running 2 steps:
+  on CUDA ``max_memory_allocated``; on CPU peak RSS in total and as the increment over the RSS right
+  after building model and batch, so the Python + torch + weights baseline does not hide a step's cost;
+* the ratios against the targets: ZO time / (2q forwards) <= 1.05 and ZO peak / inference peak <= 1.02.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zo_trainer.modeling import PRESETS
+from zo_trainer.zo import ZOSGD, ZOEstimator
+
+MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
+    "small": (PRESETS["llama-tiny"], 8, 128),
+    "20m": (PRESETS["llama2-20m"], 8, 256),
+}
+DEFAULT_REPEATS = {"small": 5, "20m": 3}  # a 20m forward takes 1-2 s on 2 CPU cores
+EPS, LR = 1e-3, 1e-4
+MEM_KINDS = ("inference", "zo", "fo_sgd")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build(name: str):
+    """Random-init model (train mode, as in training) and a fixed random batch."""
+    kwargs, batch, seq = MODELS[name]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(DEVICE).train()
+    x = torch.randint(kwargs["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    return model, x
+
+
+# ------------------------------------------------------------------------------------------- steps
+def make_steps(model, x) -> dict:
+    """One callable per measured kind; each does exactly one step (or one forward)."""
+    loss_fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+    counter = iter(range(10**9))
+
+    def forward():
+        with torch.no_grad():
+            loss_fn()
+
+    def zo(q):
+        estimator = ZOEstimator(model, eps=EPS, num_queries=q, seed=0)
+        optimizer = ZOSGD(model.parameters(), estimator, lr=LR)
+
+        def step():
+            optimizer.accumulate(estimator.probe(loss_fn, next(counter)))
+            optimizer.step()
+
+        return step
+
+    sgd = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def fo_sgd():
+        loss_fn().backward()
+        sgd.step()
+        sgd.zero_grad(set_to_none=True)
+
+    return {
+        "forward": forward,
+        "zo_q1": zo(1),
+        "zo_q4": zo(4),
+        "mezo_q1": lambda: mezo_step(model, loss_fn, 1, next(counter)),
+        "mezo_q4": lambda: mezo_step(model, loss_fn, 4, next(counter)),
+        "fo_sgd": fo_sgd,
+    }
+
+
+@torch.no_grad()
+def mezo_step(model, loss_fn, q: int, step: int) -> None:
+    """The published MeZO step (Malladi et al. 2023, Algorithm 1), extended to q queries averaged.
+
+    Per query 4 sweeps over all parameters, each regenerating z with ``torch.manual_seed`` and an
+    out-of-place ``p.data = p.data + scale * z``: +eps, -2eps, +eps (restore), then the update.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def sweep(seed, scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z
+
+    seeds, grads = [step * 1000 + k for k in range(q)], []
+    for seed in seeds:
+        sweep(seed, EPS)
+        plus = loss_fn()
+        sweep(seed, -2 * EPS)
+        minus = loss_fn()
+        sweep(seed, EPS)
+        grads.append(((plus - minus) / (2 * EPS)).item())
+    for seed, g in zip(seeds, grads):
+        sweep(seed, -LR * g / q)
+
+
+# -------------------------------------------------------------------------------------------- time
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(name: str, repeats: int) -> tuple[int, dict[str, list[float]]]:
+    model, x = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    steps = make_steps(model, x)
+    for step in steps.values():  # warm-up: allocator, kernels, lazy init
+        step()
+    times = {kind: [] for kind in steps}
+    for _ in range(repeats):
+        for kind, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[kind].append(time.perf_counter() - start)
+    return params, times
+
+
+# ------------------------------------------------------------------------------------------ memory
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_memory(name: str, kind: str) -> dict:
+    """Runs in a fresh process: peak memory of 2 steps of ``kind``, in KiB.
+
+    ``ru_maxrss`` of a child started by ``subprocess`` (vfork + exec) starts at the PARENT's peak RSS,
+    so the peak is read from VmHWM, whose high-water mark is reset (``/proc/self/clear_refs``) at start;
+    ``ru_maxrss`` is kept in the JSON as a cross-check (the parent measures memory before it builds any model).
+    """
+    if DEVICE.type == "cpu":
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    model, x = build(name)
+    step = {"inference": "forward", "zo": "zo_q1", "fo_sgd": "fo_sgd"}[kind]
+    step = make_steps(model, x)[step]
+    gc.collect()
+    if DEVICE.type == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated() // 1024
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = rss_kib("VmRSS")
+    for _ in range(2):
+        step()
+    if DEVICE.type == "cuda":
+        sync()
+        peak = torch.cuda.max_memory_allocated() // 1024
+        return {"peak": peak, "base": base, "increment": peak - base}
+    peak = rss_kib("VmHWM")
+    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak": peak, "base": base, "increment": peak - base, "ru_maxrss": ru_maxrss}
+
+
+def memory_in_subprocess(name: str, kind: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------- results
+def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
+    med = {kind: statistics.median(ts) for kind, ts in times.items()}
+    fwd = med["forward"]
+    ratios = {
+        "zo_q1_time / 2 fwd": med["zo_q1"] / (2 * fwd),
+        "zo_q4_time / 8 fwd": med["zo_q4"] / (8 * fwd),
+        "mezo_q1_time / 2 fwd": med["mezo_q1"] / (2 * fwd),
+        "mezo_q4_time / 8 fwd": med["mezo_q4"] / (8 * fwd),
+        "fo_sgd_time / fwd": med["fo_sgd"] / fwd,
+        "zo_peak / inf_peak (total)": memory["zo"]["peak"] / memory["inference"]["peak"],
+        "zo_peak / inf_peak (increment)": memory["zo"]["increment"] / memory["inference"]["increment"],
+        "fo_peak / zo_peak (total)": memory["fo_sgd"]["peak"] / memory["zo"]["peak"],
+        "fo_peak / zo_peak (increment)": memory["fo_sgd"]["increment"] / memory["zo"]["increment"],
+    }
+    return {
+        "params": params,
+        "batch": list(MODELS[name][1:]),
+        "median_s": med,
+        "times_s": times,
+        "memory_kib": memory,
+        "ratios": ratios,
+    }
+
+
+def print_table(results: dict) -> None:
+    names = list(results)
+    rows = [("params", lambda r: f"{r['params'] / 1e6:.2f}M"), ("batch", lambda r: "x".join(map(str, r["batch"])))]
+    for kind in next(iter(results.values()))["median_s"]:
+        rows.append((f"time {kind} (s)", lambda r, k=kind: f"{r['median_s'][k]:.4f}"))
+    unit = "MiB alloc" if DEVICE.type == "cuda" else "MiB RSS"
+    for kind in MEM_KINDS:
+        rows.append((f"peak {kind} ({unit})", lambda r, k=kind: f"{r['memory_kib'][k]['peak'] / 1024:.1f}"))
+        rows.append((f"  increment {kind}", lambda r, k=kind: f"{r['memory_kib'][k]['increment'] / 1024:.1f}"))
+    for ratio in next(iter(results.values()))["ratios"]:
+        rows.append((ratio, lambda r, k=ratio: f"{r['ratios'][k]:.3f}"))
+    width = max(len(label) for label, _ in rows)
+    print(f"{'':<{width}}  " + "  ".join(f"{n:>10}" for n in names))
+    for label, cell in rows:
+        print(f"{label:<{width}}  " + "  ".join(f"{cell(results[n]):>10}" for n in names))
+    print("targets: zo time / 2q fwd <= 1.05; zo peak / inference peak <= 1.02")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="small,20m", help=f"comma-separated subset of {list(MODELS)}")
+    parser.add_argument("--repeats", type=int, help=f"timed repeats per kind (default {DEFAULT_REPEATS})")
+    parser.add_argument("--quick", action="store_true", help="small model only, 2 repeats: a smoke check")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)  # (model, kind): child process
+    args = parser.parse_args()
+    if args._memory:
+        print(json.dumps(measure_memory(*args._memory)))
+        return
+    names = ["small"] if args.quick else args.models.split(",")
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
+    # memory first: a child's ru_maxrss starts at this process's peak, so keep that small
+    memory = {n: {kind: memory_in_subprocess(n, kind) for kind in MEM_KINDS} for n in names}
+    results = {}
+    for n in names:
+        repeats = 2 if args.quick else args.repeats or DEFAULT_REPEATS[n]
+        results[n] = summarize(n, *time_steps(n, repeats), memory[n])
+    env = {"device": str(DEVICE), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"# {' '.join(sys.argv)}  ({env})")
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
