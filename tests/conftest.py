@@ -1,0 +1,41 @@
+"""Shared builders: real (tiny) transformers models and datasets, no mocks."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama(vocab_size=256, hidden=64, layers=2, seed=0, dtype=torch.float32, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def random_token_dataset(n=64, length=32, vocab_size=256, seed=0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (n, length), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()

@@ -1,0 +1,234 @@
+"""The ZO engine against independent references: analytic gradients, a naive SPSA that materialises z."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from zo_trainer.zo import ZOSGD, DirectionSampler, ZOEstimator, direction_seed
+from zo_trainer.zo.directions import CHUNK_NUMEL, scratch_buffer
+
+from conftest import tiny_llama
+
+
+class Quadratic(nn.Module):
+    """L(θ) = ½ θᵀAθ + bᵀθ: the central difference is exact, so E[ĝ] = ∇L = Aθ + b analytically."""
+
+    def __init__(self, n=12, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        m = torch.randn(n, n, generator=g, dtype=torch.float64)
+        self.register_buffer("A", m @ m.T / n + torch.eye(n, dtype=torch.float64))
+        self.register_buffer("b", torch.randn(n, generator=g, dtype=torch.float64))
+        self.theta = nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+
+    def forward(self):
+        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
+
+    def grad(self):
+        return self.A @ self.theta.detach() + self.b
+
+
+def zo_estimate(model, estimator, step):
+    """The engine's estimate g = Σ c_k z_k, materialised through `write_grad`."""
+    probe = estimator.probe(model, step)
+    model.zero_grad(set_to_none=True)
+    estimator.write_grad(step, estimator.coefficients(probe.projected_grads), [p for p in model.parameters()])
+    return model.theta.grad.clone()
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_estimate_is_unbiased(distribution):
+    model = Quadratic()
+    estimator = ZOEstimator(model, eps=1e-3, num_queries=1, distribution=distribution, seed=1)
+    draws = torch.stack([zo_estimate(model, estimator, step) for step in range(4000)])
+    true = model.grad()
+    standard_error = draws.std(0) / math.sqrt(len(draws))
+    assert (draws.mean(0) - true).abs().max() < 5 * standard_error.max()
+    assert torch.nn.functional.cosine_similarity(draws.mean(0), true, dim=0) > 0.98
+
+
+def test_variance_follows_n_over_q():
+    """Gaussian SPSA on a quadratic: E‖ĝ − g‖² = (n + 1)‖g‖² / q with the mean reduction."""
+    model = Quadratic(n=12)
+    true = model.grad()
+    expected_q1 = (12 + 1) * true.square().sum()
+    measured = {}
+    for q in (1, 4):
+        estimator = ZOEstimator(model, eps=1e-3, num_queries=q, seed=2)
+        draws = torch.stack([zo_estimate(model, estimator, step) for step in range(3000)])
+        measured[q] = (draws - true).square().sum(1).mean()
+    assert measured[1] == pytest.approx(expected_q1, rel=0.12)
+    assert measured[1] / measured[4] == pytest.approx(4.0, rel=0.15)
+
+
+def test_sum_reduction_is_q_times_mean():
+    model = Quadratic()
+    mean = zo_estimate(model, ZOEstimator(model, num_queries=3, reduction="mean", seed=3), step=5)
+    total = zo_estimate(model, ZOEstimator(model, num_queries=3, reduction="sum", seed=3), step=5)
+    torch.testing.assert_close(total, 3 * mean)
+
+
+def naive_z(seed, step, query, name, numel):
+    """A direction drawn in one call of the documented recipe, independent of the engine's chunking."""
+    g = torch.Generator().manual_seed(direction_seed(seed, step, query, name))
+    return torch.empty(numel).normal_(generator=g)
+
+
+def test_chunked_directions_equal_one_draw():
+    sampler = DirectionSampler("gaussian", seed=7)
+    numel = 2 * CHUNK_NUMEL + 123  # three chunks, the last one partial
+    got = torch.empty(numel)
+    for where, _, z in sampler.chunks("w", numel, 4, [1], scratch_buffer()):
+        got[where] = z
+    assert torch.equal(got, naive_z(7, 4, 1, "w", numel))
+
+
+def test_correlated_directions_have_the_requested_correlation():
+    alpha, numel = -0.7, 400_000
+    sampler = DirectionSampler("gaussian", correlation=alpha, seed=0)
+    z = torch.empty(3, numel)
+    for where, k, chunk in sampler.chunks("w", numel, 0, [0, 1, 2], scratch_buffer()):
+        z[k, where] = chunk
+    assert torch.equal(z[0], naive_z(0, 0, 0, "w", numel))  # z_0 is the plain direction
+    for k in range(3):
+        assert z[k].var().item() == pytest.approx(1.0, abs=0.01)
+    for k in (0, 1):
+        assert torch.corrcoef(z[k : k + 2])[0, 1].item() == pytest.approx(alpha, abs=0.01)
+    assert torch.corrcoef(z[[0, 2]])[0, 1].item() == pytest.approx(alpha**2, abs=0.01)
+
+
+def test_probe_and_update_match_naive_spsa_on_tied_llama():
+    """Naive reference: materialise every z, evaluate L(θ ± εz) with functional_call, update out of place."""
+    model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding: several chunks
+    ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
+    eps, lr, q, seed, step = 1e-2, 1e-2, 2, 11, 3
+    named = dict(model.named_parameters())  # tied weights appear once, under their first name
+    zs = {k: {n: naive_z(seed, step, k, n, p.numel()).view_as(p) for n, p in named.items()} for k in range(q)}
+
+    def loss_at(delta):
+        params = {n: p.detach() + delta * zs_k[n] for n, p in named.items()} if delta else None
+        return functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss.double()
+
+    with torch.no_grad():
+        projected = []
+        for k in range(q):
+            zs_k = zs[k]
+            projected.append((loss_at(eps) - loss_at(-eps)) / (2 * eps))
+        expected = {n: p.detach() - lr * sum(projected[k] / q * zs[k][n] for k in range(q)) for n, p in named.items()}
+
+    estimator = ZOEstimator(model, eps=eps, num_queries=q, seed=seed)
+    optimizer = ZOSGD(model.parameters(), estimator, lr=lr)
+    probe = estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
+    torch.testing.assert_close(probe.projected_grads, torch.stack(projected), rtol=1e-3, atol=1e-3)
+    optimizer.accumulate(probe)
+    optimizer.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n].float(), rtol=0, atol=1e-6)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_probes_restore_weights_exactly(dtype):
+    model = tiny_llama(dtype=dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    estimator = ZOEstimator(model, eps=1e-3, num_queries=3, correlation=-0.5, seed=0)
+    optimizer = ZOSGD(model.parameters(), estimator, lr=0.0)
+    for step in range(5):
+        optimizer.accumulate(estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step))
+        optimizer.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_failing_forward_leaves_weights_untouched(llama):
+    before = {n: p.detach().clone() for n, p in llama.named_parameters()}
+    estimator = ZOEstimator(llama, seed=0)
+
+    def exploding_loss():
+        llama.model.embed_tokens(torch.zeros(1, 4, dtype=torch.long))  # weights are swapped in here...
+        raise RuntimeError("boom")  # ...and the forward dies before the swap-out hook
+
+    with pytest.raises(RuntimeError, match="boom"):
+        estimator.probe(exploding_loss, 0)
+    for n, p in llama.named_parameters():
+        assert isinstance(llama.get_parameter(n), nn.Parameter)
+        assert torch.equal(p, before[n])
+
+
+def test_only_trainable_parameters_move(llama):
+    for n, p in llama.named_parameters():
+        p.requires_grad_(n.startswith("model.layers.1.mlp"))
+    before = {n: p.detach().clone() for n, p in llama.named_parameters()}
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    estimator = ZOEstimator(llama, seed=0)
+    optimizer = ZOSGD([p for p in llama.parameters() if p.requires_grad], estimator, lr=1e-2)
+    optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 0))
+    optimizer.step()
+    for n, p in llama.named_parameters():
+        assert torch.equal(p, before[n]) != n.startswith("model.layers.1.mlp"), n
+
+
+def test_same_dropout_mask_for_both_probes_of_a_pair():
+    """With a shared mask, (L+ − L−)/2ε is a directional derivative (bounded as ε → 0); with fresh masks it
+    would be a difference of two different losses divided by 2ε (~1e5 here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Dropout(0.5), nn.Linear(64, 1))
+    model.train()
+    x = torch.randn(32, 16)
+    estimator = ZOEstimator(model, eps=1e-6, num_queries=4, seed=0)
+    probe = estimator.probe(lambda: model(x).square().mean(), 0)
+    assert probe.projected_grads.abs().max() < 100
+    assert torch.equal(probe.losses[0::2].double().round(decimals=2), probe.losses[1::2].double().round(decimals=2))
+
+
+def test_forward_estimator_uses_q_plus_one_forwards():
+    model = Quadratic()
+    estimator = ZOEstimator(model, eps=1e-6, num_queries=3, estimator="forward", seed=0)
+    probe = estimator.probe(model, 0)
+    assert probe.num_forwards == 4
+    central = ZOEstimator(model, eps=1e-6, num_queries=3, seed=0).probe(model, 0)
+    torch.testing.assert_close(probe.projected_grads, central.projected_grads, rtol=1e-4, atol=1e-4)
+
+
+def test_directions_do_not_depend_on_parameter_order():
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    est_a = ZOEstimator(a, seed=5)
+    est_b = ZOEstimator(b, seed=5)
+    opt_a = ZOSGD(list(a.parameters()), est_a, lr=0.1)
+    opt_b = ZOSGD(list(b.parameters())[::-1], est_b, lr=0.1)  # reversed order
+    for opt, est, m in ((opt_a, est_a, a), (opt_b, est_b, b)):
+        opt.accumulate(est.probe(lambda: m(x).sum(), 0))
+        opt.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=0.0), "eps=0.0"),
+        (dict(num_queries=0), "num_queries=0"),
+        (dict(estimator="three-point"), "estimator='three-point'"),
+        (dict(reduction="median"), "reduction='median'"),
+        (dict(distribution="uniform"), "distribution='uniform'"),
+        (dict(correlation=1.0), "correlation=1.0"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, match, llama):
+    with pytest.raises(ValueError, match=match):
+        ZOEstimator(llama, **kwargs)
+
+
+def test_accumulating_two_steps_is_refused(llama):
+    estimator = ZOEstimator(llama, seed=0)
+    optimizer = ZOSGD(llama.parameters(), estimator)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 0))
+    with pytest.raises(ValueError, match="step 1"):
+        optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 1))
