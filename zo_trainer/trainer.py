@@ -97,8 +97,8 @@ class ZOTrainer(Trainer):
         forward_model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=True)  # no DDP hooks needed
 
         def loss_fn() -> torch.Tensor:
-            with self.compute_loss_context_manager():
-                return self.compute_loss(forward_model, inputs, num_items_in_batch=num_items_in_batch)
+            with self.compute_loss_context_manager():  # a copy: compute_loss pops "labels" for compute_loss_func
+                return self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
 
         probe = self.zo_estimator.probe(loss_fn, step=self.state.global_step)
         weight = 1.0 if self._loss_is_scaled_for_accumulation(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
@@ -162,19 +162,18 @@ class ZOTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- logging
     def _start_counters(self) -> None:
-        """Cumulative forward passes and wall time, continued from the logs of a resumed run."""
-        if self._counters is not None:
-            return
-        last = {}
-        for entry in self.state.log_history:
-            last.update({k: entry[k] for k in ("forward_passes", "wall_time") if k in entry})
-        self._counters = {"forward_passes": last.get("forward_passes", 0), "wall_time": last.get("wall_time", 0.0)}
-        self._clock_start = time.monotonic() - self._counters["wall_time"]
+        """Cumulative forward passes and wall time, kept in the trainer state so a resume continues them."""
+        if self._counters is None:
+            saved = self.state.stateful_callbacks.get("ZOTrainer", {})
+            self._counters = {"forward_passes": saved.get("forward_passes", 0), "wall_time": saved.get("wall_time", 0.0)}
+            self._clock_start = time.monotonic() - self._counters["wall_time"]
+        self._counters["wall_time"] = round(time.monotonic() - self._clock_start, 3)
+        self.state.stateful_callbacks["ZOTrainer"] = self._counters
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._counters is not None:  # a training log (not eval, not the final summary)
-            logs["forward_passes"] = self._counters["forward_passes"]
-            logs["wall_time"] = round(time.monotonic() - self._clock_start, 3)
+            self._start_counters()
+            logs.update(self._counters)
             logs["trainable_parameters"] = sum(p.numel() for _, p in self.zo_estimator.trainable())
             logs.update(self._window.flush())
         super().log(logs, start_time)

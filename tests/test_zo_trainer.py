@@ -1,0 +1,198 @@
+"""ZOTrainer inside the real transformers training loop, against independent references."""
+
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from zo_trainer import ZOConfig, ZOTrainer
+from zo_trainer.zo import ZOSGD, ZOEstimator
+
+from conftest import random_token_dataset, tiny_llama
+
+
+# Two float32 computations of the same step differ by ~1e-8 in the weights; the next probes divide the loss
+# difference by 2ε = 2e-3, so after a few steps equal runs agree to ~1e-5 while one update moves weights ~1e-2.
+ROUNDING = 1e-4
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return ZOConfig(**kwargs)
+
+
+def train(args, model=None, dataset=None, **trainer_kwargs):
+    model = model if model is not None else tiny_llama()
+    trainer = ZOTrainer(model=model, args=args, train_dataset=dataset or random_token_dataset(), **trainer_kwargs)
+    trainer.train(resume_from_checkpoint=trainer_kwargs.pop("resume", None))
+    return trainer
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_zo_step_matches_a_hand_written_engine_loop(tmp_path):
+    """One fixed batch, linear LR schedule: the Trainer's ZO run equals the engine driven by hand."""
+    data = random_token_dataset(n=4)
+    trainer = train(config(tmp_path, lr_scheduler_type="linear", zo_num_queries=2), dataset=data)
+    model = tiny_llama()
+    batch = {k: torch.tensor(data[k]) for k in ("input_ids", "labels")}
+    estimator = ZOEstimator(model, eps=1e-3, num_queries=2, seed=0)
+    optimizer = ZOSGD(model.parameters(), estimator, lr=1e-2)
+    for step in range(4):
+        optimizer.param_groups[0]["lr"] = 1e-2 * (1 - step / 4)
+        optimizer.accumulate(estimator.probe(lambda: model(**batch).loss, step))
+        optimizer.step()
+    for n, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p, model.get_parameter(n), rtol=0, atol=ROUNDING)
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), tiny_llama().parameters()))
+
+
+def test_zo_mode_keeps_no_gradient_and_no_optimizer_state(tmp_path):
+    trainer = train(config(tmp_path))
+    assert isinstance(trainer.optimizer.optimizer, ZOSGD)
+    assert trainer.optimizer.optimizer.state == {}
+    assert all(p.grad is None for p in trainer.model.parameters())
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["forward_passes"] for e in logs] == [4, 8]  # 2 forwards per step, logged every 2 steps
+    assert all(math.isfinite(e["zo_projected_grad_abs"]) and e["zo_skipped_updates"] == 0 for e in logs)
+
+
+def test_fo_mode_equals_the_plain_trainer(tmp_path):
+    fo = train(config(tmp_path, training_order="fo", optim="sgd"))
+    plain_model = tiny_llama()
+    plain_args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=2, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, optim="sgd",
+    )
+    plain = Trainer(model=plain_model, args=plain_args, train_dataset=random_token_dataset())
+    plain.train()
+    assert_same(params(fo.model), params(plain_model))
+    assert fo.state.log_history[-1]["train_loss"] == plain.state.log_history[-1]["train_loss"]
+
+
+def test_a_plain_training_arguments_is_accepted(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
+    trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset())
+    assert isinstance(trainer.args, ZOConfig) and trainer.args.training_order == "zo"
+    assert trainer.args.max_steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_learning_rate_restores_weights_bitwise(tmp_path, dtype):
+    model = tiny_llama(dtype=dtype)
+    before = params(model)
+    train(config(tmp_path, learning_rate=0.0, zo_num_queries=2, max_steps=3), model=model)
+    assert_same(params(model), before)
+
+
+def test_bf16_mixed_precision_zo_step_runs_and_restores(tmp_path):
+    model = tiny_llama()
+    before = params(model)
+    trainer = train(config(tmp_path, bf16=True, learning_rate=0.0), model=model)
+    assert_same(params(model), before)
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_runs_are_deterministic(tmp_path):
+    a = train(config(tmp_path / "a", zo_num_queries=2))
+    b = train(config(tmp_path / "b", zo_num_queries=2))
+    assert_same(params(a.model), params(b.model))
+    c = train(config(tmp_path / "c", zo_num_queries=2, zo_seed=1))
+    assert not torch.equal(c.model.model.norm.weight, a.model.model.norm.weight)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    big = train(config(tmp_path / "big", per_device_train_batch_size=8, zo_num_queries=2))
+    accumulated = train(
+        config(tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2, zo_num_queries=2)
+    )
+    moved = 0.0
+    for (n, p), q in zip(big.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=ROUNDING)
+        moved = max(moved, (p - tiny_llama().get_parameter(n)).abs().max().item())
+    assert moved > 1e-4  # the comparison is not between two untrained models
+
+
+def test_resume_from_checkpoint_is_bitwise_exact(tmp_path):
+    straight = train(config(tmp_path / "straight", max_steps=6, zo_num_queries=2))
+    halfway = config(tmp_path / "resumed", max_steps=6, zo_num_queries=2, save_strategy="steps", save_steps=3)
+    first = ZOTrainer(model=tiny_llama(), args=halfway, train_dataset=random_token_dataset())
+    first.train()  # saves checkpoint-3 and checkpoint-6; resume from 3 in a fresh process-like setup
+    resumed = ZOTrainer(model=tiny_llama(seed=123), args=halfway, train_dataset=random_token_dataset())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "run" / "checkpoint-3"))
+    assert_same(params(resumed.model), params(straight.model))
+    logged = [e["forward_passes"] for e in resumed.state.log_history if "forward_passes" in e]
+    assert logged == [8, 16, 24]  # counters continue across the resume
+
+
+def non_finite_every_other_step(outputs, labels, num_items_in_batch=None):
+    """A loss that overflows on odd steps (detected from the labels' first token parity)."""
+    loss = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    return loss * (math.inf if int(labels[0, 0]) % 2 else 1.0)
+
+
+def test_non_finite_probes_skip_the_update_and_are_counted(tmp_path):
+    data = random_token_dataset(n=8)
+    odd = [i for i in range(8) if data[i]["labels"][0] % 2]
+    model = tiny_llama()
+    before = params(model)
+    args = config(tmp_path, per_device_train_batch_size=1, max_steps=8, logging_steps=8)
+    trainer = train(args, model=model, dataset=data, compute_loss_func=non_finite_every_other_step)
+    assert trainer.state.log_history[0]["zo_skipped_updates"] == len(odd)
+    assert 0 < len(odd) < 8 and not torch.equal(model.model.norm.weight, before["model.norm.weight"])
+
+
+def test_a_window_with_only_skipped_updates_stops_training(tmp_path):
+    data = random_token_dataset(n=4).map(lambda row: {"labels": [1] + row["labels"][1:]})  # always odd
+    with pytest.raises(RuntimeError, match="all 2 ZO updates since the last log were skipped"):
+        train(config(tmp_path, per_device_train_batch_size=2, max_steps=2), dataset=data,
+              compute_loss_func=non_finite_every_other_step)
+
+
+def test_write_grad_mode_with_sgd_equals_zo_sgd(tmp_path):
+    zo_sgd = train(config(tmp_path / "a", zo_num_queries=2))
+    via_grad = train(config(tmp_path / "b", zo_num_queries=2, zo_write_grad=True, optim="sgd", max_grad_norm=0))
+    for p, q in zip(zo_sgd.model.parameters(), via_grad.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=ROUNDING)
+    adam = train(config(tmp_path / "c", zo_write_grad=True, optim="adamw_torch", learning_rate=1e-3))
+    state = adam.optimizer.optimizer.state
+    assert len(state) == sum(1 for p in adam.model.parameters() if p.requires_grad)  # AdamW moments exist
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(training_order="so"), "training_order='so'"),
+        (dict(zo_eps=-1.0), "zo_eps=-1.0"),
+        (dict(zo_num_queries=0), "zo_num_queries=0"),
+        (dict(zo_query_reduction="max"), "zo_query_reduction='max'"),
+        (dict(zo_estimator="spsa3"), "zo_estimator='spsa3'"),
+        (dict(zo_distribution="cauchy"), "zo_distribution='cauchy'"),
+        (dict(zo_correlation=-1.0, zo_num_queries=2), "zo_correlation=-1.0"),
+        (dict(zo_correlation=-0.5), "needs zo_num_queries >= 2"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **overrides)
