@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -10,7 +11,6 @@ from transformers import TrainingArguments
 from .zo import ESTIMATORS, REDUCTIONS, SAMPLERS
 
 TRAINING_ORDERS = ("zo", "fo")
-ZO_PARALLEL_MODES = ("data", "query")
 
 
 @dataclass
@@ -74,12 +74,18 @@ class ZOConfig(TrainingArguments):
             "place with no gradient and no optimizer state."
         },
     )
-    zo_parallel: str = field(
-        default="data",
+    trainable_parameters: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "With several processes: 'data' (each evaluates all q directions on its shard of the batch) or "
-            "'query' (each evaluates q/P directions on the same batch).",
-            "choices": list(ZO_PARALLEL_MODES),
+            "help": "Reduced dimension: glob patterns of the parameter names that train (e.g. 'model.layers.11.mlp.*', "
+            "the last MLP of llama2-20m); all others are frozen, and ZO perturbs only these. Default: all."
+        },
+    )
+    block_schedule: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "Blockwise pretraining: a list of blocks {name, parameters, steps|epochs, training_order, reinit, "
+            "zo_num_queries, learning_rate, repeat_over} (YAML list or JSON string); see zo_trainer.callbacks."
         },
     )
 
@@ -88,7 +94,6 @@ class ZOConfig(TrainingArguments):
         _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
         _check_choice("zo_estimator", self.zo_estimator, ESTIMATORS)
         _check_choice("zo_distribution", self.zo_distribution, tuple(sorted(SAMPLERS)))
-        _check_choice("zo_parallel", self.zo_parallel, ZO_PARALLEL_MODES)
         if not (isinstance(self.zo_eps, (int, float)) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
             raise ValueError(f"zo_eps={self.zo_eps!r} must be a finite number > 0 (the paper uses 1e-4)")
         if isinstance(self.zo_num_queries, bool) or not isinstance(self.zo_num_queries, int) or self.zo_num_queries < 1:
@@ -97,6 +102,17 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_correlation={self.zo_correlation!r} must lie in the open interval (-1, 1)")
         if self.zo_correlation and self.zo_num_queries < 2:
             raise ValueError(f"zo_correlation={self.zo_correlation} needs zo_num_queries >= 2 (got {self.zo_num_queries})")
+        if isinstance(self.trainable_parameters, str):
+            self.trainable_parameters = [self.trainable_parameters]
+        if isinstance(self.block_schedule, str):
+            try:
+                self.block_schedule = json.loads(self.block_schedule)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"block_schedule={self.block_schedule!r} is not valid JSON: {error}") from None
+        if self.block_schedule is not None and not (isinstance(self.block_schedule, list) and self.block_schedule):
+            raise ValueError(f"block_schedule={self.block_schedule!r} must be a non-empty list of blocks")
+        if self.block_schedule and self.trainable_parameters:
+            raise ValueError("set trainable_parameters or block_schedule, not both: each block names its parameters")
         super().__post_init__()
         if self.zo_seed is None:
             self.zo_seed = self.seed

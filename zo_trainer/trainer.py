@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
 from .config import ZOConfig
 from .zo import ZOSGD, Probe, ZOEstimator
 
@@ -49,6 +50,18 @@ class ZOTrainer(Trainer):
             correlation=self.args.zo_correlation,
             seed=self.args.zo_seed,
         )
+        if self.args.trainable_parameters:
+            set_trainable(self.model, match_parameters(self.model, self.args.trainable_parameters))
+        self.block_schedule = None
+        self.active_block: tuple[int, str] | None = None
+        orders = {self.training_order}
+        if self.args.block_schedule:
+            self.block_schedule = BlockSchedule(self.args.block_schedule, self.model)
+            self.add_callback(BlockFreezeCallback(self.block_schedule, self))
+            self.add_callback(BlockReinitCallback(self.block_schedule))
+            orders = {order or self.training_order for order in self.block_schedule.training_orders}
+        # In-place ZO-SGD needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
+        self.uses_zo_sgd = orders == {"zo"} and not self.args.zo_write_grad
         self._zo_sgd: ZOSGD | None = None
         self._pending_grad: torch.Tensor | None = None  # zo_write_grad mode: projected gradients of this window
         self._window = _LogWindow()
@@ -61,7 +74,7 @@ class ZOTrainer(Trainer):
     # ------------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         """ZO-SGD (stateless, in place) unless `zo_write_grad` asks for the `optim` of the config."""
-        if self.optimizer is None and self.zo_active and not self.args.zo_write_grad:
+        if self.optimizer is None and self.uses_zo_sgd:
             if self.optimizer_cls_and_kwargs is not None:
                 raise ValueError(
                     "optimizer_cls_and_kwargs was given but ZO-SGD ignores it: set zo_write_grad=True to feed the "
@@ -109,7 +122,7 @@ class ZOTrainer(Trainer):
         return (probe.loss * weight).to(self.args.device, torch.float32)
 
     def _accumulate(self, probe: Probe, weight: float) -> None:
-        if self.args.zo_write_grad:
+        if not self.uses_zo_sgd:
             weighted = probe.projected_grads * weight
             self._pending_grad = weighted if self._pending_grad is None else self._pending_grad + weighted
         else:
@@ -118,7 +131,7 @@ class ZOTrainer(Trainer):
     def _finish_zo_step(self) -> None:
         """Average the projected gradients over processes, skip a non-finite estimate, stage the update."""
         step = self.state.global_step
-        if self.args.zo_write_grad:
+        if not self.uses_zo_sgd:
             projected, self._pending_grad = self._pending_grad, None
         else:
             projected = self._zo_optimizer().pending
@@ -126,7 +139,7 @@ class ZOTrainer(Trainer):
             projected = self.accelerator.reduce(projected, reduction="mean")
         finite = bool(torch.isfinite(projected).all())
         self._window.add(projected if finite else None)
-        if self.args.zo_write_grad:
+        if not self.uses_zo_sgd:
             if finite:
                 trainable = [p for _, p in self.zo_estimator.trainable()]
                 self.zo_estimator.write_grad(step, self.zo_estimator.coefficients(projected), trainable)
@@ -151,14 +164,38 @@ class ZOTrainer(Trainer):
             self.optimizer.scaler = scaler
 
     def _clip_grad_norm(self, model):
-        if self.zo_active and not self.args.zo_write_grad:
+        if self.zo_active and self.uses_zo_sgd:
             return None  # ZO-SGD has no gradient tensor to clip
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if self.zo_active and not self.args.zo_write_grad:
+        if self.zo_active and self.uses_zo_sgd:
             return None
         return super()._get_grad_norm(model, grad_norm)
+
+    # ------------------------------------------------------------------------------------- blockwise
+    def enter_block(self, index: int, block, names: list[str]) -> None:
+        """Switch FO/ZO, q and learning rate for a block whose parameters were just unfrozen."""
+        self.active_block = (index, block.name)
+        self.training_order = block.training_order or self.args.training_order
+        self.zo_estimator.num_queries = block.zo_num_queries or self.args.zo_num_queries
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        for name in names:  # an FO block starts with fresh optimizer state (ZO-SGD keeps none)
+            optimizer.state.pop(self.model.get_parameter(name), None)
+        if block.learning_rate is not None:
+            self._set_base_learning_rate(block.learning_rate)
+
+    def _set_base_learning_rate(self, learning_rate: float) -> None:
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(
+                f"a per-block learning_rate needs a LambdaLR-based lr_scheduler_type (constant, linear, cosine, ...); "
+                f"got {type(scheduler).__name__}"
+            )
+        scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = learning_rate * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() logs
 
     # -------------------------------------------------------------------------------------- logging
     def _start_counters(self) -> None:
@@ -174,6 +211,8 @@ class ZOTrainer(Trainer):
         if "loss" in logs and self._counters is not None:  # a training log (not eval, not the final summary)
             self._start_counters()
             logs.update(self._counters)
+            if self.active_block is not None:
+                logs["block_index"], logs["block_name"] = self.active_block
             logs["trainable_parameters"] = sum(p.numel() for _, p in self.zo_estimator.trainable())
             logs.update(self._window.flush())
         super().log(logs, start_time)
