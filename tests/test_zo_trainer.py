@@ -196,3 +196,29 @@ def test_write_grad_mode_with_sgd_equals_zo_sgd(tmp_path):
 def test_bad_config_values_are_named(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **overrides)
+
+
+def train_with_grad_scaler(args, scaler):
+    """On GPUs, fp16 makes accelerate create a GradScaler, which fails or rescales a step without backward. CPU
+    autocast has none, so install a real one where accelerate keeps it."""
+    trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset())
+    trainer.accelerator.scaler = scaler
+    trainer.train()
+    return trainer
+
+
+def test_fp16_grad_scaler_is_bypassed_by_zo_steps(tmp_path):
+    plain = train(config(tmp_path / "plain"))
+    scaled = train_with_grad_scaler(config(tmp_path / "scaled"), torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    assert_same(params(scaled.model), params(plain.model))
+
+
+def test_fp16_grad_scaler_serves_fo_blocks_and_not_zo_blocks(tmp_path):
+    schedule = [{"parameters": ["model.layers.0.*"], "steps": 2, "training_order": "fo"},
+                {"parameters": ["model.layers.1.*"], "steps": 2, "training_order": "zo"}]
+    # max_grad_norm=0: with mixed_precision "no", accelerate would clip before unscaling the injected scaler
+    plain = train(config(tmp_path / "plain", block_schedule=schedule, max_grad_norm=0))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaled = train_with_grad_scaler(config(tmp_path / "scaled", block_schedule=schedule, max_grad_norm=0), scaler)
+    assert scaler._scale is not None  # the FO steps scaled their loss through it (a power of 2: exact)
+    assert_same(params(scaled.model), params(plain.model))  # ZO estimates were not divided by the scale

@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from .zo import ESTIMATORS, REDUCTIONS, SAMPLERS
 
 TRAINING_ORDERS = ("zo", "fo")
+ZO_PARALLEL_MODES = ("data", "query")
 
 
 @dataclass
@@ -74,6 +75,15 @@ class ZOConfig(TrainingArguments):
             "place with no gradient and no optimizer state."
         },
     )
+    zo_parallel: str = field(
+        default="data",
+        metadata={
+            "help": "With several processes: 'data' (each process evaluates all q directions on its shard of the "
+            "batch; the projected gradients are averaged) or 'query' (the global batch is gathered and each process "
+            "evaluates q/P of the directions on it; only 2 losses per direction are exchanged).",
+            "choices": list(ZO_PARALLEL_MODES),
+        },
+    )
     trainable_parameters: list[str] | None = field(
         default=None,
         metadata={
@@ -94,6 +104,7 @@ class ZOConfig(TrainingArguments):
         _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
         _check_choice("zo_estimator", self.zo_estimator, ESTIMATORS)
         _check_choice("zo_distribution", self.zo_distribution, tuple(sorted(SAMPLERS)))
+        _check_choice("zo_parallel", self.zo_parallel, ZO_PARALLEL_MODES)
         if not (isinstance(self.zo_eps, (int, float)) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
             raise ValueError(f"zo_eps={self.zo_eps!r} must be a finite number > 0 (the paper uses 1e-4)")
         if isinstance(self.zo_num_queries, bool) or not isinstance(self.zo_num_queries, int) or self.zo_num_queries < 1:

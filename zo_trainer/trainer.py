@@ -33,6 +33,11 @@ class ZOTrainer(Trainer):
         elif not isinstance(args, ZOConfig):
             args = ZOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
         super().__init__(model, args, *positional, **kwargs)
+        if self.args.zo_parallel == "query" and self.accelerator.num_processes > self.args.zo_num_queries:
+            raise ValueError(
+                f"zo_parallel='query' splits the zo_num_queries={self.args.zo_num_queries} directions over "
+                f"{self.accelerator.num_processes} processes: use at least as many queries as processes"
+            )
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
                 "ZOTrainer does not support FSDP or DeepSpeed sharding: ZO probes perturb whole parameters "
@@ -103,23 +108,48 @@ class ZOTrainer(Trainer):
         if not self.zo_active:
             self._use_grad_scaler(True)
             self._counters["forward_passes"] += 1
+            if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:  # DDP's gradient all-reduce
+                self._counters["communicated_bytes"] += sum(p.numel() * p.element_size() for _, p in self.zo_estimator.trainable())
             return super().training_step(model, inputs, num_items_in_batch)
         self._use_grad_scaler(False)  # no backward: a GradScaler would find no gradient to unscale
         model.train()
         inputs = self._prepare_inputs(inputs)
         forward_model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=True)  # no DDP hooks needed
+        queries, loss_divisor = None, 1.0
+        if self._query_parallel:
+            inputs, num_items_in_batch, loss_divisor = self._gather_global_batch(inputs, num_items_in_batch)
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            queries = range(rank, self.zo_estimator.num_queries, world)
 
         def loss_fn() -> torch.Tensor:
             with self.compute_loss_context_manager():  # a copy: compute_loss pops "labels" for compute_loss_func
-                return self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                loss = self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
+            return loss / loss_divisor
 
-        probe = self.zo_estimator.probe(loss_fn, step=self.state.global_step)
+        probe = self.zo_estimator.probe(loss_fn, step=self.state.global_step, queries=queries)
         weight = 1.0 if self._loss_is_scaled_for_accumulation(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
         self._accumulate(probe, weight)
         self._counters["forward_passes"] += probe.num_forwards
         if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
             self._finish_zo_step()
         return (probe.loss * weight).to(self.args.device, torch.float32)
+
+    @property
+    def _query_parallel(self) -> bool:
+        return self.args.zo_parallel == "query" and self.accelerator.num_processes > 1
+
+    def _gather_global_batch(self, inputs, num_items_in_batch):
+        """Query-parallel: every process evaluates its share of the directions on the whole global batch."""
+        inputs = {k: self.accelerator.gather(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        self._counters["communicated_bytes"] += sum(v.numel() * v.element_size() for v in inputs.values() if torch.is_tensor(v))
+        if num_items_in_batch is None:
+            return inputs, None, 1.0
+        if not self.args.average_tokens_across_devices:  # the Trainer counted this process's tokens only
+            count = torch.as_tensor(num_items_in_batch, device=self.args.device)
+            num_items_in_batch = self.accelerator.reduce(count, reduction="sum")
+        # compute_loss multiplies by the process count to undo DDP's gradient averaging; nothing averages here
+        rescaled = self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+        return inputs, num_items_in_batch, float(self.accelerator.num_processes) if rescaled else 1.0
 
     def _accumulate(self, probe: Probe, weight: float) -> None:
         if not self.uses_zo_sgd:
@@ -136,7 +166,9 @@ class ZOTrainer(Trainer):
         else:
             projected = self._zo_optimizer().pending
         if self.accelerator.num_processes > 1:  # without a backward, DDP reduces nothing: q scalars do it
-            projected = self.accelerator.reduce(projected, reduction="mean")
+            # data-parallel: average the shards' estimates; query-parallel: each process filled its own queries
+            projected = self.accelerator.reduce(projected, reduction="sum" if self._query_parallel else "mean")
+            self._counters["communicated_bytes"] += projected.numel() * projected.element_size()
         finite = bool(torch.isfinite(projected).all())
         self._window.add(projected if finite else None)
         if not self.uses_zo_sgd:
@@ -199,10 +231,11 @@ class ZOTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- logging
     def _start_counters(self) -> None:
-        """Cumulative forward passes and wall time, kept in the trainer state so a resume continues them."""
+        """Cumulative forward passes, bytes all-reduced or gathered by this process, and wall time; kept in the
+        trainer state so a resume continues them."""
         if self._counters is None:
             saved = self.state.stateful_callbacks.get("ZOTrainer", {})
-            self._counters = {"forward_passes": saved.get("forward_passes", 0), "wall_time": saved.get("wall_time", 0.0)}
+            self._counters = {k: saved.get(k, 0) for k in ("forward_passes", "communicated_bytes", "wall_time")}
             self._clock_start = time.monotonic() - self._counters["wall_time"]
         self._counters["wall_time"] = round(time.monotonic() - self._clock_start, 3)
         self.state.stateful_callbacks["ZOTrainer"] = self._counters

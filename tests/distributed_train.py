@@ -1,0 +1,39 @@
+"""Train a tiny Llama with ZOTrainer; run under `accelerate launch` by tests/test_distributed.py.
+
+Each rank writes the bytes of its parameters to <out>/rank<r>.pt, so the test can compare replicas
+bitwise and compare a P-process run with a 1-process run.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import random_token_dataset, tiny_llama  # noqa: E402
+
+from zo_trainer import ZOConfig, ZOTrainer  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--batch", type=int, default=4, help="per-device batch size")
+parser.add_argument("--queries", type=int, default=2)
+parser.add_argument("--parallel", default="data")
+parser.add_argument("--steps", type=int, default=3)
+parser.add_argument("--save_steps", type=int, default=0)
+parser.add_argument("--resume", default=None)
+cli = parser.parse_args()
+
+args = ZOConfig(
+    output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.batch, learning_rate=1e-2,
+    logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, seed=0, zo_num_queries=cli.queries,
+    zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
+    dataloader_drop_last=True,
+)
+trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset(n=64))
+trainer.train(resume_from_checkpoint=cli.resume)
+rank = trainer.accelerator.process_index
+state = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+torch.save({"params": state, "world": trainer.accelerator.num_processes, "log": trainer.state.log_history},
+           os.path.join(cli.out, f"rank{rank}.pt"))
