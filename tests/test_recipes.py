@@ -1,0 +1,198 @@
+"""recipes/pretrain_zo.py: argument parsing, real (tiny, offline) runs of the recipes, reload, 2 processes."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+# Recipes that parse and run today; the reduced-dimension/blockwise ones need `trainable_parameters`.
+RUNNABLE_RECIPES = ["paper/table2_fo.yaml", "paper/table2_zo_q1.yaml", "paper/table2_zo_q20.yaml"]
+# Tiny overrides on top of `--scale cpu` so a run takes seconds.
+TINY = ["--max_steps", "2", "--max_train_samples", "20", "--max_eval_samples", "8", "--logging_steps", "1",
+        "--block_size", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_zo", RECIPES / "pretrain_zo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain_zo = _load_script()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: one thread avoids OpenMP oversubscription (10x slower forwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_cli_precedence(tmp_path):
+    config = _write(tmp_path / "r.yaml", "output_dir: from_yaml\nzo_num_queries: 4\nzo_eps: 1e-4\n"
+                    "learning_rate: 0.5\nblock_size: 64\nmodel_preset: llama-small\nreport_to: none\n")
+    model_args, data_args, args = pretrain_zo.parse_args(
+        ["--config", config, "--zo_num_queries", "7", "--block_size", "32", "--output_dir", str(tmp_path / "cli")])
+    assert args.zo_num_queries == 7 and data_args.block_size == 32 and args.output_dir == str(tmp_path / "cli")
+    assert args.zo_eps == 1e-4 and args.learning_rate == 0.5 and model_args.model_preset == "llama-small"  # yaml
+    assert args.zo_query_reduction == "mean" and data_args.dataset_name == "sotu"  # dataclass defaults
+
+
+def test_shared_data_seed_feeds_both_or_keeps_each_default(tmp_path):
+    _, data_args, args = pretrain_zo.parse_args(["--output_dir", str(tmp_path)])
+    assert data_args.data_seed == 0 and args.data_seed is None  # DataArguments' and TrainingArguments' defaults
+    _, data_args, args = pretrain_zo.parse_args(["--output_dir", str(tmp_path), "--data_seed", "5"])
+    assert data_args.data_seed == 5 and args.data_seed == 5
+
+
+def test_no_config_loads_default_recipe(tmp_path):
+    recipe = yaml.safe_load((RECIPES / "default.yaml").read_text())
+    model_args, data_args, args = pretrain_zo.parse_args([])
+    assert args.output_dir == recipe["output_dir"] and args.max_steps == recipe["max_steps"]
+    assert args.learning_rate == recipe["learning_rate"] and args.zo_num_queries == recipe["zo_num_queries"]
+    assert model_args.model_preset == "llama-tiny" and data_args.dataset_name == "sotu"
+    assert model_args.tokenizer_name is None  # offline: BPE trained on the corpus
+
+
+def test_scale_cpu_overrides_recipe_but_not_cli():
+    config = str(RECIPES / "paper/table2_zo_q20.yaml")
+    model_args, data_args, args = pretrain_zo.parse_args(["--config", config, "--scale", "cpu", "--max_steps", "3"])
+    assert model_args.model_preset == "llama-tiny" and model_args.tokenizer_name is None
+    assert data_args.dataset_name == "sotu" and data_args.block_size == 128
+    assert args.max_steps == 3 and not args.fp16  # CLI wins over CPU_SCALE's 100 steps
+    assert args.output_dir == "runs/paper/table2_zo_q20-cpu"
+    assert (args.zo_num_queries, args.zo_eps, args.zo_query_reduction) == (20, 1e-4, "sum")  # the method is kept
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    config = _write(tmp_path / "typo.yaml", "zo_num_querys: 4\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown key") as err:
+        pretrain_zo.parse_args(["--config", config])
+    assert "zo_num_querys" in str(err.value) and "typo.yaml" in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        pretrain_zo.parse_args(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_unknown_cli_flag(tmp_path):
+    with pytest.raises(ValueError, match="--zo_bogus"):
+        pretrain_zo.parse_args(["--output_dir", str(tmp_path), "--zo_bogus", "1"])
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+@pytest.mark.parametrize("recipe", RUNNABLE_RECIPES)
+def test_recipe_runs_at_cpu_scale(recipe, tmp_path):
+    out = tmp_path / "run"
+    source = yaml.safe_load((RECIPES / recipe).read_text())
+    metrics = pretrain_zo.main(["--config", str(RECIPES / recipe), "--scale", "cpu", "--output_dir", str(out), *TINY])
+
+    state = _json(out / "trainer_state.json")
+    assert state["global_step"] == 2
+    train_logs = [e for e in state["log_history"] if "loss" in e]
+    assert len(train_logs) == 2 and all(math.isfinite(e["loss"]) for e in train_logs)
+    q = source.get("zo_num_queries", 1)
+    forwards_per_step = 2 * q if source["training_order"] == "zo" else 1
+    assert [e["forward_passes"] for e in train_logs] == [forwards_per_step, 2 * forwards_per_step]
+    assert train_logs[0]["trainable_parameters"] == 1_315_968  # llama-tiny, whole model
+    assert ("zo_projected_grad" in train_logs[0]) == (source["training_order"] == "zo")
+
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    for key in ("training_order", "zo_num_queries", "zo_eps", "zo_query_reduction", "learning_rate", "optim"):
+        if key in source:
+            assert resolved[key] == source[key], key
+    assert resolved["model_preset"] == "llama-tiny" and resolved["max_steps"] == 2
+
+    results = _json(out / "all_results.json")
+    for key in ("train_loss", "eval_loss", "init_eval_loss", "perplexity", "eval_accuracy"):
+        assert math.isfinite(results[key]), key
+    assert results["world_size"] == 1 and results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert metrics["eval_loss"] == results["eval_loss"]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "README.md").is_file() and (out / "training_args.bin").is_file()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The no-argument code path (recipes/default.yaml), with only output_dir and max_steps overridden."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    trainer, metrics = pretrain_zo.run(["--output_dir", str(out), "--max_steps", "2"])
+    return out, trainer, metrics
+
+
+def test_default_recipe_no_arguments(default_run):
+    out, trainer, metrics = default_run
+    recipe = yaml.safe_load((RECIPES / "default.yaml").read_text())
+    args = trainer.args
+    assert (args.zo_num_queries, args.zo_eps, args.learning_rate) == (
+        recipe["zo_num_queries"], recipe["zo_eps"], recipe["learning_rate"])
+    eval_results = _json(out / "eval_results.json")
+    assert eval_results["eval_samples"] == recipe["max_eval_samples"]
+    assert math.isfinite(eval_results["init_eval_loss"]) and math.isfinite(eval_results["eval_loss"])
+    # an untrained model with a 4096-token vocabulary starts near ln(4096)
+    assert abs(eval_results["init_eval_loss"] - math.log(4096)) < 0.3
+    state = _json(out / "trainer_state.json")
+    assert state["global_step"] == 2 and state["max_steps"] == 2
+    assert math.isfinite(metrics["train_loss"]) and metrics["world_size"] == 1
+    assert metrics["trainable_parameters"] == metrics["num_parameters"] == 1_315_968
+
+
+def test_saved_run_reloads_and_generates(default_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, trainer, _ = default_run
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) == model.config.vocab_size == 4096
+
+    inputs = tokenizer("The state of the Union is", return_tensors="pt")
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        got = model.eval()(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)  # the script must set it itself
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs/multi_cpu_2proc.yaml"), "--main_process_port", "29517",
+           str(RECIPES / "pretrain_zo.py"), "--config", str(RECIPES / "paper/table2_zo_q1.yaml"), "--scale", "cpu",
+           "--output_dir", str(out), *TINY, "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "Process 0/2" in log, log[-4000:]  # replicas log at warning level only
+    results = _json(out / "train_results.json")
+    assert results["world_size"] == 2 and results["total_train_batch_size"] == 4
+    assert _json(out / "trainer_state.json")["global_step"] == 2
