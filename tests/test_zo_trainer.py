@@ -222,3 +222,17 @@ def test_fp16_grad_scaler_serves_fo_blocks_and_not_zo_blocks(tmp_path):
     scaled = train_with_grad_scaler(config(tmp_path / "scaled", block_schedule=schedule, max_grad_norm=0), scaler)
     assert scaler._scale is not None  # the FO steps scaled their loss through it (a power of 2: exact)
     assert_same(params(scaled.model), params(plain.model))  # ZO estimates were not divided by the scale
+
+
+def test_model_card_records_the_zo_settings_and_metrics(tmp_path):
+    args = config(tmp_path, zo_num_queries=3, zo_eps=1e-4, zo_query_reduction="sum", zo_correlation=-0.5)
+    trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset(),
+                        eval_dataset=random_token_dataset(n=8, seed=1))
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    trainer.create_model_card(dataset="sotu")
+    card = (tmp_path / "run" / "README.md").read_text()
+    for expected in ("zo-trainer", "zeroth-order", "zo_num_queries (q): 3", "zo_eps (ε): 0.0001",
+                     "zo_query_reduction: sum", "zo_correlation (α): -0.5", "dataset: sotu",
+                     f"eval_loss: {eval_loss:.6g}", "forward_passes: 24"):
+        assert expected in card, expected

@@ -10,6 +10,8 @@ parent's backprop step, so baselines share every line of code but the step itsel
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import torch
@@ -228,6 +230,59 @@ class ZOTrainer(Trainer):
         for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = learning_rate * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() logs
+
+    # ----------------------------------------------------------------------------------- model card
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """`Trainer.create_model_card`, plus the tags and a section with the ZO settings and final metrics."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in ("zo-trainer", "zeroth-order") if tag not in tags]
+        super().create_model_card(
+            language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
+        )
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
+                card.write(self._zo_card_section(dataset))
+
+    def _zo_card_section(self, dataset) -> str:
+        args = self.args
+        settings = {
+            "training_order": args.training_order,
+            "zo_estimator": args.zo_estimator,
+            "zo_num_queries (q)": args.zo_num_queries,
+            "zo_eps (ε)": args.zo_eps,
+            "zo_query_reduction": args.zo_query_reduction,
+            "zo_distribution": args.zo_distribution,
+            "zo_correlation (α)": args.zo_correlation,
+            "zo_seed": args.zo_seed,
+            "trainable_parameters": args.trainable_parameters or "all",
+            "block_schedule": json.dumps(args.block_schedule) if args.block_schedule else "none",
+        }
+        final = {}
+        for entry in self.state.log_history:
+            final.update({k: v for k, v in entry.items() if k.startswith("eval_") or k in ("train_loss", "forward_passes")})
+        lines = [
+            "\n## Zeroth-order training\n",
+            "This model was trained with zo-trainer: forward-only SPSA "
+            "(ZO-SGD) gradient estimates inside `transformers.Trainer`, after Allaire et al., *Zeroth Order "
+            "Optimization for Pretraining Language Models* (ICPRAM 2025).\n",
+            f"- dataset: {dataset or 'unspecified'}",
+            *(f"- {key}: {value}" for key, value in settings.items()),
+            "\n### Final metrics\n",
+            *(f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in final.items()),
+            "",
+        ]
+        return "\n".join(lines)
 
     # -------------------------------------------------------------------------------------- logging
     def _start_counters(self) -> None:
