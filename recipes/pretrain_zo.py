@@ -272,13 +272,6 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
 
     model = build_model(model_args, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("Model: %s parameters, %s trainable (%.1f%%); training_order=%s, zo_num_queries=%d, zo_eps=%g, "
-                "zo_query_reduction=%s", f"{n_params:,}", f"{n_trainable:,}", 100 * n_trainable / n_params,
-                training_args.training_order, training_args.zo_num_queries, training_args.zo_eps,
-                training_args.zo_query_reduction)
-
     trainer = ZOTrainer(
         model=model,
         args=training_args,
@@ -289,6 +282,13 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after the trainer's freezing
+    logger.info("Model: %s parameters, %s trainable (%.1f%%); training_order=%s, zo_num_queries=%d, zo_eps=%g, "
+                "zo_query_reduction=%s", f"{n_params:,}", f"{n_trainable:,}", 100 * n_trainable / n_params,
+                training_args.training_order, training_args.zo_num_queries, training_args.zo_eps,
+                training_args.zo_query_reduction)
 
     # The untrained model's loss: the baseline the run must beat.
     init_metrics = trainer.evaluate(metric_key_prefix="init_eval")
