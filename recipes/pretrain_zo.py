@@ -96,10 +96,7 @@ TRUE = ("true", "yes", "1", "last")
 
 # ---------------------------------------------------------------------------------------------- arguments
 def _build_parser() -> HfArgumentParser:
-    # DataArguments.data_seed (split seed) and TrainingArguments.data_seed (sampler seed) share a name: one
-    # `data_seed` flag feeds both; unset, each dataclass keeps its own default (see _to_dataclasses).
-    parser = HfArgumentParser(DATACLASSES, conflict_handler="resolve", prog="pretrain_zo.py",
-                              description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(DATACLASSES, prog="pretrain_zo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="Flat yaml recipe (keys = the flags below). Default: "
                         f"{DEFAULT_RECIPE.relative_to(RECIPES_DIR.parent)}.")
     parser.add_argument("--scale", default="paper", choices=SCALES,
@@ -140,16 +137,10 @@ def _explicit_flags(parser: HfArgumentParser, argv: list[str]) -> dict:
 
 def _to_dataclasses(namespace: argparse.Namespace) -> tuple:
     values = vars(namespace)
-    field_sets = [{f.name: f for f in dataclasses.fields(dtype) if f.init} for dtype in DATACLASSES]
-    shared = {name for i, a in enumerate(field_sets) for b in field_sets[i + 1:] for name in a.keys() & b.keys()}
-    outputs = []
-    for dtype, fields in zip(DATACLASSES, field_sets):
-        kwargs = {name: values[name] for name in fields if name in values}
-        for name in shared & kwargs.keys():
-            if kwargs[name] is None:  # unset shared flag: this dataclass's own default applies
-                del kwargs[name]
-        outputs.append(dtype(**kwargs))
-    return tuple(outputs)
+    return tuple(
+        dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values})
+        for dtype in DATACLASSES
+    )
 
 
 def _use_cpu_when_no_accelerator() -> None:

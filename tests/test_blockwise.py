@@ -166,3 +166,12 @@ def test_schedule_as_json_string_from_the_command_line(tmp_path):
     assert args.block_schedule == SCHEDULE
     with pytest.raises(ValueError, match="not valid JSON"):
         config(tmp_path, block_schedule="[{oops")
+
+
+def test_negative_layer_index_names_the_last_layer_at_any_depth():
+    for layers in (2, 3):
+        model = tiny_llama(layers=layers)
+        assert match_parameters(model, ["model.layers.-1.mlp.*"]) == match_parameters(
+            model, [f"model.layers.{layers - 1}.mlp.*"])
+    with pytest.raises(ValueError, match="index -5 does not fit 'model.layers'"):
+        match_parameters(tiny_llama(), ["model.layers.-5.mlp.*"])

@@ -44,9 +44,9 @@ def test_sotu_is_one_document_per_speech_without_bracketed_notes():
 
 
 def test_validation_split_is_deterministic_disjoint_and_sized():
-    first = load_raw_dataset(DataArguments(data_seed=3))
-    again = load_raw_dataset(DataArguments(data_seed=3))
-    other = load_raw_dataset(DataArguments(data_seed=4))
+    first = load_raw_dataset(DataArguments(validation_split_seed=3))
+    again = load_raw_dataset(DataArguments(validation_split_seed=3))
+    other = load_raw_dataset(DataArguments(validation_split_seed=4))
     validation = set(first["validation"]["text"])
     assert validation == set(again["validation"]["text"])
     assert validation != set(other["validation"]["text"])

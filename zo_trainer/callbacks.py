@@ -28,11 +28,15 @@ from .zo.directions import direction_seed
 
 
 def match_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the parameters matching any glob pattern; a pattern that matches nothing is an error."""
+    """Names of the parameters matching any glob pattern; a pattern that matches nothing is an error.
+
+    A negative index counts from the end of a ModuleList, so ``model.layers.-1.mlp.*`` is the last MLP of a
+    Llama of any depth (the same recipe then runs on the paper's model and on a small CPU one).
+    """
     names = [n for n, _ in model.named_parameters()]
     matched = set()
     for pattern in patterns:
-        hits = fnmatch.filter(names, pattern)
+        hits = fnmatch.filter(names, _resolve_negative_indices(model, pattern))
         if not hits:
             raise ValueError(
                 f"parameter pattern {pattern!r} matches no parameter of {type(model).__name__}; names look like "
@@ -40,6 +44,21 @@ def match_parameters(model: nn.Module, patterns: list[str]) -> list[str]:
             )
         matched.update(hits)
     return [n for n in names if n in matched]
+
+
+def _resolve_negative_indices(model: nn.Module, pattern: str) -> str:
+    parts = pattern.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("-") and part[1:].isdigit():
+            prefix = ".".join(parts[:i])
+            try:
+                container = model.get_submodule(prefix)
+            except AttributeError:
+                raise ValueError(f"parameter pattern {pattern!r}: {prefix!r} is not a module of the model") from None
+            if not isinstance(container, (nn.ModuleList, nn.Sequential)) or -int(part) > len(container):
+                raise ValueError(f"parameter pattern {pattern!r}: index {part} does not fit {prefix!r}")
+            parts[i] = str(len(container) + int(part))
+    return ".".join(parts)
 
 
 def set_trainable(model: nn.Module, names: list[str]) -> None:

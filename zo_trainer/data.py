@@ -47,7 +47,7 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenisation and grouping (None = in-process)."}
     )
-    data_seed: int = field(default=0, metadata={"help": "Seed of the train/validation split."})
+    validation_split_seed: int = field(default=0, metadata={"help": "Seed of the train/validation split."})
 
     def __post_init__(self):
         if isinstance(self.train_files, str):
@@ -157,7 +157,7 @@ def load_raw_dataset(args: DataArguments) -> datasets.DatasetDict:
     if "validation" not in raw:
         if len(raw["train"]) < 2:
             raise ValueError("Carving a validation split needs at least 2 documents; the train split has 1.")
-        split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.data_seed)
+        split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.validation_split_seed)
         raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
     if args.max_train_samples is not None:
         raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
