@@ -236,3 +236,13 @@ def test_model_card_records_the_zo_settings_and_metrics(tmp_path):
                      "zo_query_reduction: sum", "zo_correlation (α): -0.5", "dataset: sotu",
                      f"eval_loss: {eval_loss:.6g}", "forward_passes: 24"):
         assert expected in card, expected
+
+
+def test_gradient_probe_is_wired_from_the_config(tmp_path):
+    trainer = train(config(tmp_path, gradient_probe_steps=2, gradient_probe_draws=3, zo_num_queries=2))
+    probes = [e for e in trainer.state.log_history if "probe/cosine" in e]
+    assert [e["step"] for e in probes] == [0, 2, 4]
+    assert all(e["probe/num_draws"] == 3 and -1 <= e["probe/cosine"] <= 1 and e["probe/var_ratio"] > 1 for e in probes)
+    quiet = train(config(tmp_path / "off", zo_num_queries=2))
+    assert not any("probe/cosine" in e for e in quiet.state.log_history)
+    assert_same(params(trainer.model), params(quiet.model))  # probing does not change the run

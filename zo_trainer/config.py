@@ -99,6 +99,20 @@ class ZOConfig(TrainingArguments):
         },
     )
 
+    gradient_probe_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps (and at step 0), compare gradient_probe_draws ZO estimates with the "
+            "backprop gradient on a fixed batch and log probe/* metrics (cosine, relative error, variances). Costs "
+            "one forward+backward and draws·2q forwards per probe. 0 = off."
+        },
+    )
+    gradient_probe_draws: int = field(default=8, metadata={"help": "ZO estimates per gradient probe."})
+    gradient_probe_histograms: bool = field(
+        default=False,
+        metadata={"help": "Save sampled FO/ZO gradient entries to <output_dir>/gradient_probe/step-N.npz (Fig. 4)."},
+    )
+
     def __post_init__(self):
         _check_choice("training_order", self.training_order, TRAINING_ORDERS)
         _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
@@ -113,6 +127,11 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_correlation={self.zo_correlation!r} must lie in the open interval (-1, 1)")
         if self.zo_correlation and self.zo_num_queries < 2:
             raise ValueError(f"zo_correlation={self.zo_correlation} needs zo_num_queries >= 2 (got {self.zo_num_queries})")
+        if self.gradient_probe_steps < 0 or self.gradient_probe_draws < 1:
+            raise ValueError(
+                f"gradient_probe_steps={self.gradient_probe_steps} must be >= 0 (0 = off) and "
+                f"gradient_probe_draws={self.gradient_probe_draws} >= 1"
+            )
         if isinstance(self.trainable_parameters, str):
             self.trainable_parameters = [self.trainable_parameters]
         if isinstance(self.block_schedule, str):

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainingArguments
 
 from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
 from .config import ZOConfig
+from .diagnostics import GradientProbeCallback
 from .zo import ZOSGD, Probe, ZOEstimator
 
 
@@ -67,6 +68,15 @@ class ZOTrainer(Trainer):
             self.add_callback(BlockFreezeCallback(self.block_schedule, self))
             self.add_callback(BlockReinitCallback(self.block_schedule))
             orders = {order or self.training_order for order in self.block_schedule.training_orders}
+        if self.args.gradient_probe_steps:
+            self.add_callback(
+                GradientProbeCallback(
+                    self,
+                    every_steps=self.args.gradient_probe_steps,
+                    num_draws=self.args.gradient_probe_draws,
+                    save_histograms=self.args.gradient_probe_histograms,
+                )
+            )
         # In-place ZO-SGD needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
         self.uses_zo_sgd = orders == {"zo"} and not self.args.zo_write_grad
         self._zo_sgd: ZOSGD | None = None
