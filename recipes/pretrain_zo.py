@@ -48,6 +48,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from zo_trainer.config import ZOConfig
 from zo_trainer.data import DataArguments, load_raw_dataset, build_lm_datasets
+from zo_trainer.memory import peak_memory_mb, reset_peak_memory
 from zo_trainer.metrics import compute_metrics, perplexity, preprocess_logits_for_metrics
 from zo_trainer.modeling import PRESETS, ModelArguments, build_model, tokenizer_vocab_size
 from zo_trainer.tokenizer import build_tokenizer
@@ -285,13 +286,16 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
     init_metrics = trainer.evaluate(metric_key_prefix="init_eval")
     init_metrics["init_perplexity"] = perplexity(init_metrics["init_eval_loss"])
 
+    reset_peak_memory()
     train_result = trainer.train(resume_from_checkpoint=resume)
+    train_peak_memory_mb = peak_memory_mb()
     trainer.save_model()  # model + tokenizer, loadable with from_pretrained
     train_metrics = dict(train_result.metrics)
     train_metrics.update(train_samples=len(train_dataset), world_size=training_args.world_size,
                          total_train_batch_size=training_args.per_device_train_batch_size
                          * training_args.gradient_accumulation_steps * training_args.world_size,
-                         num_parameters=n_params, trainable_parameters=n_trainable)
+                         num_parameters=n_params, trainable_parameters=n_trainable,
+                         train_peak_memory_mb=train_peak_memory_mb)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
 

@@ -132,7 +132,7 @@ def test_recipe_runs_at_cpu_scale(recipe, tmp_path):
     assert resolved["model_preset"] == "llama-tiny" and resolved["max_steps"] == 2
 
     results = _json(out / "all_results.json")
-    for key in ("train_loss", "eval_loss", "init_eval_loss", "perplexity", "eval_accuracy"):
+    for key in ("train_loss", "eval_loss", "init_eval_loss", "perplexity", "eval_accuracy", "train_peak_memory_mb"):
         assert math.isfinite(results[key]), key
     assert results["world_size"] == 1 and results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
     assert metrics["eval_loss"] == results["eval_loss"]
