@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-CHUNK_NUMEL = 1 << 20  # 4 MiB of float32: large enough to amortise the call, small enough to stay in cache
+CHUNK_NUMEL = 1 << 18  # 1 MiB of float32: amortises the call, stays in cache, adds little to peak memory
 
 
 def _fill_gaussian(out: torch.Tensor, generator: torch.Generator) -> None:
@@ -60,12 +60,13 @@ class DirectionSampler:
         self._fill = SAMPLERS[distribution]
 
     def chunks(
-        self, name: str, numel: int, step: int, queries: list[int], scratch: torch.Tensor
+        self, name: str, numel: int, step: int, queries: list[int], scratch: torch.Tensor, into: torch.Tensor | None = None
     ) -> Iterator[tuple[slice, int, torch.Tensor]]:
         """Yield (slice, k, z_k[slice]) over the flat parameter, chunk by chunk, queries in order.
 
         ``scratch`` (from :func:`scratch_buffer`, on the parameter's device) holds the yielded view,
-        which is only valid until the next iteration: consume it at once.
+        which is only valid until the next iteration: consume it at once. With ``into`` (a flat float32
+        tensor of ``numel`` entries, one query), z is drawn straight into it instead.
         """
         chain = list(range(max(queries) + 1)) if self.correlation else list(queries)
         wanted = set(queries)
@@ -74,7 +75,8 @@ class DirectionSampler:
         for start in range(0, numel, CHUNK_NUMEL):
             size = min(CHUNK_NUMEL, numel - start)
             where = slice(start, start + size)
-            z, w = scratch[:size], scratch[CHUNK_NUMEL : CHUNK_NUMEL + size]
+            z = scratch[:size] if into is None else into[where]
+            w = scratch[CHUNK_NUMEL : CHUNK_NUMEL + size]
             for k in chain:
                 if self.correlation and k > 0:
                     self._fill(w, generators[k])
