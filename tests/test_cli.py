@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
 from zo_trainer import ZOConfig, ZOTrainer
 from zo_trainer.cli import build_parser, main, probe_settings
@@ -13,16 +12,6 @@ from zo_trainer.cli import build_parser, main, probe_settings
 from conftest import random_token_dataset, tiny_llama
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine, OpenMP threads spin-waiting against other processes make torch ~20x slower;
-    one thread sidesteps that (results do not depend on it: each comparison runs under the same setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def is_png(path):

@@ -17,16 +17,6 @@ PROBE_KEYS = {"probe/fo_mean", "probe/fo_var", "probe/zo_mean", "probe/zo_var", 
               "probe/rel_error", "probe/estimate_var", "probe/var_ratio"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine, OpenMP threads spin-waiting against other processes make torch ~20x slower;
-    one thread sidesteps that (results do not depend on it: each comparison runs under the same setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------ GradientStats
 def test_stats_of_the_exact_gradient():
     g = torch.randn(5000, generator=torch.Generator().manual_seed(0))
