@@ -1,0 +1,111 @@
+"""Query-parallel ZO: time per step with P processes against one process, same global batch and q.
+
+    python benchmarks/bench_query_parallel.py                 # q=4, 2 processes vs 1, one thread each
+    python benchmarks/bench_query_parallel.py --queries 8 --steps 30 --model llama-small
+
+Each configuration is a real `accelerate launch` of ZOTrainer (gloo on CPU, NCCL on GPUs) with one
+thread per process (OMP_NUM_THREADS=1), so P processes use P cores. With `zo_parallel: query` every
+process evaluates q/P directions on the whole global batch and exchanges 2 losses per direction, so
+the ideal speed-up is P. Time per step is the median over the run's steps after the first few
+(start-up, tokenizer and data are not counted); both runs must end with the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WARMUP_STEPS = 3
+
+
+def worker(cli) -> None:
+    """Runs inside `accelerate launch`: train, record each optimizer step's end time, save rank 0's result."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+    from zo_trainer import ZOConfig, ZOTrainer
+    from zo_trainer.modeling import PRESETS
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    config = PRESETS[cli.model]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = cli.global_batch * (cli.steps + 1)
+    ids = torch.randint(config["vocab_size"], (rows, cli.seq), generator=torch.Generator().manual_seed(0)).tolist()
+    args = ZOConfig(
+        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world,
+        zo_num_queries=cli.queries, zo_parallel="query", learning_rate=1e-4, report_to="none",
+        save_strategy="no", logging_steps=cli.steps, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        seed=0, dataloader_drop_last=True,
+    )
+    clock = StepClock()
+    trainer = ZOTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                        callbacks=[clock])
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        step_times = [b - a for a, b in zip(clock.ends, clock.ends[1:])][WARMUP_STEPS:]
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        Path(cli.out, "result.json").write_text(json.dumps({
+            "world": world, "step_s": statistics.median(step_times), "weights_sum": weights.double().sum().item(),
+            "weights_abs_sum": weights.double().abs().sum().item(),
+        }))
+
+
+def launch(processes: int, cli, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if processes > 1 and not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate's multi-process launcher does not set it for CPU runs
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+           *(["--multi_gpu"] if processes > 1 else []), __file__, "--worker", "--out", str(out),
+           "--model", cli.model, "--queries", str(cli.queries), "--steps", str(cli.steps),
+           "--global_batch", str(cli.global_batch), "--seq", str(cli.seq)]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"launch with {processes} process(es) failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama-tiny", help="a preset of zo_trainer.modeling.PRESETS")
+    parser.add_argument("--queries", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--global_batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker:
+        return worker(cli)
+    with tempfile.TemporaryDirectory() as tmp:
+        one = launch(1, cli, Path(tmp, "one"))
+        many = launch(cli.processes, cli, Path(tmp, "many"))
+    print(f"# {' '.join(sys.argv)}  (model {cli.model}, q={cli.queries}, global batch {cli.global_batch}x{cli.seq}, "
+          f"{cli.steps} steps, median step time after {WARMUP_STEPS}, one thread per process, nproc={os.cpu_count()})")
+    print(f"1 process:   {one['step_s']:.4f} s/step")
+    print(f"{cli.processes} processes: {many['step_s']:.4f} s/step")
+    print(f"speed-up: {one['step_s'] / many['step_s']:.2f}x (ideal {cli.processes}x; target >= {0.9 * cli.processes:.1f}x)")
+    same = abs(one["weights_sum"] - many["weights_sum"]) <= 1e-6 * one["weights_abs_sum"]
+    print(f"same weights after training: {same} (sums {one['weights_sum']:.9g} vs {many['weights_sum']:.9g})")
+
+
+if __name__ == "__main__":
+    main()
