@@ -81,7 +81,7 @@ def test_chunked_directions_equal_one_draw():
     sampler = DirectionSampler("gaussian", seed=7)
     numel = 2 * CHUNK_NUMEL + 123  # three chunks, the last one partial
     got = torch.empty(numel)
-    for where, _, z in sampler.chunks("w", numel, 4, [1], scratch_buffer()):
+    for where, _, z in sampler.chunks("w", (numel,), 4, [1], scratch_buffer()):
         got[where] = z
     assert torch.equal(got, naive_z(7, 4, 1, "w", numel))
 
@@ -90,7 +90,7 @@ def test_correlated_directions_have_the_requested_correlation():
     alpha, numel = -0.7, 400_000
     sampler = DirectionSampler("gaussian", correlation=alpha, seed=0)
     z = torch.empty(3, numel)
-    for where, k, chunk in sampler.chunks("w", numel, 0, [0, 1, 2], scratch_buffer()):
+    for where, k, chunk in sampler.chunks("w", (numel,), 0, [0, 1, 2], scratch_buffer()):
         z[k, where] = chunk
     assert torch.equal(z[0], naive_z(0, 0, 0, "w", numel))  # z_0 is the plain direction
     for k in range(3):
@@ -98,6 +98,53 @@ def test_correlated_directions_have_the_requested_correlation():
     for k in (0, 1):
         assert torch.corrcoef(z[k : k + 2])[0, 1].item() == pytest.approx(alpha, abs=0.01)
     assert torch.corrcoef(z[[0, 2]])[0, 1].item() == pytest.approx(alpha**2, abs=0.01)
+
+
+class MatrixQuadratic(nn.Module):
+    """L(W) = ½‖AW − B‖²: ∇L = Aᵀ(AW − B), and the central difference is exact."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("A", torch.randn(8, 6, generator=g, dtype=torch.float64))
+        self.register_buffer("B", torch.randn(8, 5, generator=g, dtype=torch.float64))
+        self.W = nn.Parameter(torch.randn(6, 5, generator=g, dtype=torch.float64))
+
+    def forward(self):
+        return 0.5 * (self.A @ self.W - self.B).square().sum()
+
+    def grad(self):
+        return self.A.T @ (self.A @ self.W.detach() - self.B)
+
+
+def test_lowrank_directions_are_low_rank_with_identity_covariance():
+    sampler = DirectionSampler("lowrank", seed=0, rank=2, refresh_steps=1)
+    draws = []
+    for step in range(3000):
+        ((_, _, z),) = sampler.chunks("W", (6, 5), step, [0], scratch_buffer())
+        draws.append(z.clone().view(6, 5))
+    draws = torch.stack(draws)
+    assert all(torch.linalg.matrix_rank(d) <= 2 for d in draws[:20])
+    covariance = torch.einsum("si,sj->ij", draws.flatten(1), draws.flatten(1)) / len(draws)
+    assert (covariance - torch.eye(30)).abs().max() < 0.2  # E[vec z vec zᵀ] = I: SPSA stays unbiased
+
+
+def test_lowrank_estimate_is_unbiased_and_refreshes_its_basis():
+    model = MatrixQuadratic()
+    estimator = ZOEstimator(model, eps=1e-3, distribution="lowrank", lowrank_rank=2, lowrank_refresh_steps=1, seed=0)
+
+    def estimate(step):
+        probe = estimator.probe(model, step)
+        model.zero_grad(set_to_none=True)
+        estimator.write_grad(step, estimator.coefficients(probe.projected_grads), [model.W])
+        return model.W.grad.clone()
+
+    draws = torch.stack([estimate(step) for step in range(4000)])
+    standard_error = draws.std(0) / math.sqrt(len(draws))
+    assert ((draws.mean(0) - model.grad()).abs() < 5 * standard_error.max()).all()
+    lazy = ZOEstimator(model, distribution="lowrank", lowrank_rank=2, lowrank_refresh_steps=10, seed=0)
+    same_period = [lazy.sampler._basis("W", 6, 5, 2, step, "cpu")[0] for step in (0, 9, 10)]
+    assert torch.equal(same_period[0], same_period[1]) and not torch.equal(same_period[1], same_period[2])
 
 
 def test_probe_and_update_match_naive_spsa_on_tied_llama():
@@ -130,12 +177,13 @@ def test_probe_and_update_match_naive_spsa_on_tied_llama():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_probes_restore_weights_exactly(dtype):
+def test_probes_restore_weights_exactly(dtype, distribution):
     model = tiny_llama(dtype=dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    estimator = ZOEstimator(model, eps=1e-3, num_queries=3, correlation=-0.5, seed=0)
+    estimator = ZOEstimator(model, eps=1e-3, num_queries=3, correlation=-0.5, distribution=distribution, seed=0)
     optimizer = ZOSGD(model.parameters(), estimator, lr=0.0)
     for step in range(5):
         optimizer.accumulate(estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step))

@@ -269,3 +269,11 @@ def test_zo_lowers_the_loss_of_a_tiny_llama_on_real_text(tmp_path):
     assert before > math.log(len(tokenizer)) - 0.2  # an untrained model is close to uniform
     assert after < before - 0.3, (before, after)
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_lowrank_directions_train_through_the_trainer(tmp_path):
+    trainer = train(config(tmp_path, zo_distribution="lowrank", zo_lowrank_rank=2, zo_num_queries=2))
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, tiny_llama().get_parameter(n))]
+    assert len(moved) == len(list(trainer.model.parameters()))  # matrices (low rank) and norms (Gaussian)
+    delta = trainer.model.model.layers[0].mlp.up_proj.weight - tiny_llama().model.layers[0].mlp.up_proj.weight
+    assert torch.linalg.matrix_rank(delta) == 2  # every update lives in the same U·Vᵀ subspace until the refresh

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .zo import ESTIMATORS, REDUCTIONS, SAMPLERS
+from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS
 
 TRAINING_ORDERS = ("zo", "fo")
 ZO_PARALLEL_MODES = ("data", "query")
@@ -54,7 +54,15 @@ class ZOConfig(TrainingArguments):
     )
     zo_distribution: str = field(
         default="gaussian",
-        metadata={"help": "Distribution of the direction entries (mean 0, variance 1).", "choices": sorted(SAMPLERS)},
+        metadata={
+            "help": "Directions: 'gaussian', 'rademacher' (entries of mean 0, variance 1), or 'lowrank' (SubZero: "
+            "z = sqrt(mn)/r · U S Vᵀ for each m×n matrix, Gaussian for the other parameters).",
+            "choices": list(DISTRIBUTIONS),
+        },
+    )
+    zo_lowrank_rank: int = field(default=4, metadata={"help": "Rank r of the 'lowrank' (SubZero) directions."})
+    zo_lowrank_refresh_steps: int = field(
+        default=100, metadata={"help": "Steps between two draws of the 'lowrank' bases U, V (SubZero's lazy update)."}
     )
     zo_correlation: float = field(
         default=0.0,
@@ -117,7 +125,12 @@ class ZOConfig(TrainingArguments):
         _check_choice("training_order", self.training_order, TRAINING_ORDERS)
         _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
         _check_choice("zo_estimator", self.zo_estimator, ESTIMATORS)
-        _check_choice("zo_distribution", self.zo_distribution, tuple(sorted(SAMPLERS)))
+        _check_choice("zo_distribution", self.zo_distribution, DISTRIBUTIONS)
+        if self.zo_lowrank_rank < 1 or self.zo_lowrank_refresh_steps < 1:
+            raise ValueError(
+                f"zo_lowrank_rank={self.zo_lowrank_rank} and zo_lowrank_refresh_steps={self.zo_lowrank_refresh_steps} "
+                "must be >= 1"
+            )
         _check_choice("zo_parallel", self.zo_parallel, ZO_PARALLEL_MODES)
         if not (isinstance(self.zo_eps, (int, float)) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
             raise ValueError(f"zo_eps={self.zo_eps!r} must be a finite number > 0 (the paper uses 1e-4)")

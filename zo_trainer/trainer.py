@@ -57,6 +57,8 @@ class ZOTrainer(Trainer):
             distribution=self.args.zo_distribution,
             correlation=self.args.zo_correlation,
             seed=self.args.zo_seed,
+            lowrank_rank=self.args.zo_lowrank_rank,
+            lowrank_refresh_steps=self.args.zo_lowrank_refresh_steps,
         )
         if self.args.trainable_parameters:
             set_trainable(self.model, match_parameters(self.model, self.args.trainable_parameters))

@@ -69,6 +69,8 @@ class ZOEstimator:
         distribution: str = "gaussian",
         correlation: float = 0.0,
         seed: int = 0,
+        lowrank_rank: int = 4,
+        lowrank_refresh_steps: int = 100,
     ):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps={eps!r} must be a finite number > 0")
@@ -83,7 +85,7 @@ class ZOEstimator:
         self.num_queries = num_queries
         self.estimator = estimator
         self.reduction = reduction
-        self.sampler = DirectionSampler(distribution, correlation, seed)
+        self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._pool = _BufferPool()
@@ -180,7 +182,7 @@ class ZOEstimator:
         scratch = self._scratch.get(p.device)
         if scratch is None:
             scratch = self._scratch[p.device] = scratch_buffer(p.device)
-        return self.sampler.chunks(self.name_of(p), p.numel(), step, queries, scratch, into)
+        return self.sampler.chunks(self.name_of(p), p.shape, step, queries, scratch, into)
 
 
 class _Perturbation:
