@@ -277,3 +277,14 @@ def test_lowrank_directions_train_through_the_trainer(tmp_path):
     assert len(moved) == len(list(trainer.model.parameters()))  # matrices (low rank) and norms (Gaussian)
     delta = trainer.model.model.layers[0].mlp.up_proj.weight - tiny_llama().model.layers[0].mlp.up_proj.weight
     assert torch.linalg.matrix_rank(delta) == 2  # every update lives in the same U·Vᵀ subspace until the refresh
+
+
+def test_an_optimizer_passed_to_zo_sgd_is_refused_before_training(tmp_path):
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="zo_write_grad=True"):
+        ZOTrainer(model=model, args=config(tmp_path), optimizers=(optimizer, None))
+    trainer = ZOTrainer(model=model, args=config(tmp_path, zo_write_grad=True), optimizers=(optimizer, None),
+                        train_dataset=random_token_dataset())
+    trainer.train()
+    assert len(optimizer.state) == len(list(model.parameters()))  # the user's AdamW consumed the ZO estimates

@@ -81,6 +81,11 @@ class ZOTrainer(Trainer):
             )
         # In-place ZO-SGD needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
         self.uses_zo_sgd = orders == {"zo"} and not self.args.zo_write_grad
+        if self.uses_zo_sgd and self.optimizer is not None:
+            raise ValueError(
+                "an optimizer was passed in `optimizers=` but ZO-SGD updates in place without one: set "
+                "zo_write_grad=True to feed the ZO estimate to your optimizer"
+            )
         self._zo_sgd: ZOSGD | None = None
         self._pending_grad: torch.Tensor | None = None  # zo_write_grad mode: projected gradients of this window
         self._window = _LogWindow()
@@ -109,12 +114,7 @@ class ZOTrainer(Trainer):
         return super().create_optimizer(model)
 
     def _zo_optimizer(self) -> ZOSGD:
-        if self._zo_sgd is None:
-            raise ValueError(
-                "ZO-SGD needs ZOTrainer's own optimizer; a custom optimizer was passed in `optimizers=`. Set "
-                "zo_write_grad=True to feed the ZO estimate to it."
-            )
-        return self._zo_sgd
+        return self._zo_sgd  # created by create_optimizer; __init__ refuses an `optimizers=` override
 
     # ---------------------------------------------------------------------------------- the ZO step
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
