@@ -150,6 +150,10 @@ def rss_kib(field: str) -> int:
 def measure_memory(name: str, kind: str) -> dict:
     """Runs in a fresh process: peak memory of 2 steps of ``kind``, in KiB.
 
+    Inference runs 4 forwards, as many as 2 ZO steps with q=1: the heap's high-water mark creeps up with
+    the number of forwards (glibc fragmentation: 2 forwards of the 20m model peak ~90 MiB below 8), so
+    equal forward counts keep the comparison about the step, not about the allocator's history.
+
     ``ru_maxrss`` of a child started by ``subprocess`` (vfork + exec) starts at the PARENT's peak RSS,
     so the peak is read from VmHWM, whose high-water mark is reset (``/proc/self/clear_refs``) at start;
     ``ru_maxrss`` is kept in the JSON as a cross-check (the parent measures memory before it builds any model).
@@ -167,7 +171,7 @@ def measure_memory(name: str, kind: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = rss_kib("VmRSS")
-    for _ in range(2):
+    for _ in range(4 if kind == "inference" else 2):
         step()
     if DEVICE.type == "cuda":
         sync()
