@@ -74,6 +74,7 @@ CPU_SCALE: dict = {
     "dataset_config": None,
     "train_files": None,
     "block_size": 128,
+    "preprocessing_num_workers": None,  # tokenise in-process: worker start-up outweighs a small corpus
     "max_eval_samples": 64,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 8,

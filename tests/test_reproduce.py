@@ -47,7 +47,7 @@ def test_table2_report_end_to_end(table2_report):
         assert number in text, number
     # our numbers, read independently from each run's all_results.json / trainer_state.json
     rows = {line.split(" ")[1]: line for line in text.splitlines() if line.startswith("| ") and "`table2_" in line}
-    assert set(rows) == {"fo", "zo_q1", "zo_q20"}
+    assert set(rows) == {run.label for run in reproduce.STUDIES["table2"].runs} == {"fo", "zo_q1", "zo_q20", "zo_q20_mean"}
     for label, row in rows.items():
         run = tmp / "runs" / "steps2" / "cpu" / "table2" / f"{label}-s0"
         results = json.loads((run / "all_results.json").read_text())
@@ -67,7 +67,7 @@ def test_table2_report_end_to_end(table2_report):
     assert all(v.lower() in VERDICTS for v in verdicts)
     # the command that regenerates it, and the per-run commands
     assert "python recipes/reproduce.py " + " ".join(argv) in text
-    assert text.count("python recipes/pretrain_zo.py --config recipes/paper/table2_") == 3
+    assert text.count("python recipes/pretrain_zo.py --config recipes/paper/table2_") == 4
     # the plots
     pngs = re.findall(r"!\[.*?\]\((.+?\.png)\)", text)
     assert len(pngs) == 2
@@ -80,7 +80,7 @@ def test_finished_runs_are_skipped(table2_report, capsys):
     tmp, report, argv = table2_report
     before = {p: p.stat().st_mtime for p in (tmp / "runs").rglob("all_results.json")}
     reproduce.main(argv)
-    assert capsys.readouterr().out.count("skip (done)") == 3
+    assert capsys.readouterr().out.count("skip (done)") == 4
     assert before == {p: p.stat().st_mtime for p in (tmp / "runs").rglob("all_results.json")}
 
 
