@@ -23,6 +23,7 @@ parser.add_argument("--parallel", default="data")
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
+parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (ZO must refuse it)")
 cli = parser.parse_args()
 
 args = ZOConfig(
@@ -30,6 +31,7 @@ args = ZOConfig(
     logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, seed=0, zo_num_queries=cli.queries,
     zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
     dataloader_drop_last=True,
+    **({"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if cli.fsdp else {}),
 )
 trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset(n=64))
 trainer.train(resume_from_checkpoint=cli.resume)

@@ -16,9 +16,13 @@ ROUNDING = 1e-4  # see tests/test_zo_trainer.py: equal runs in a different float
 pytestmark = pytest.mark.slow
 
 
-def launch(processes, out, *flags):
+def run_script(processes, out, *flags):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *processes, str(SCRIPT), "--out", str(out), *flags]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def launch(processes, out, *flags):
+    done = run_script(processes, out, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(path) for path in sorted(Path(out).glob("rank*.pt"))]
 
@@ -77,3 +81,9 @@ def test_two_process_checkpoint_resumes_on_one_process(runs):
     assert max_difference(resumed, runs["data"][0]) < ROUNDING
     logs = [e for e in resumed["log"] if "loss" in e]  # steps 1-2 come from the checkpoint, 3 was run here
     assert [(e["step"], e["forward_passes"]) for e in logs] == [(1, 8), (2, 16), (3, 24)]
+
+
+def test_fsdp_is_refused_with_a_clear_error(tmp_path):
+    done = run_script(TWO_PROCESSES, tmp_path, "--fsdp")
+    assert done.returncode != 0
+    assert "ZO training does not support FSDP or DeepSpeed sharding" in done.stderr

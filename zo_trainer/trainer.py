@@ -41,12 +41,6 @@ class ZOTrainer(Trainer):
                 f"zo_parallel='query' splits the zo_num_queries={self.args.zo_num_queries} directions over "
                 f"{self.accelerator.num_processes} processes: use at least as many queries as processes"
             )
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError(
-                "ZOTrainer does not support FSDP or DeepSpeed sharding: ZO probes perturb whole parameters "
-                "inside each module's forward. Use data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO "
-                "step already runs at inference memory."
-            )
         self.training_order = self.args.training_order
         self.zo_estimator = ZOEstimator(
             self.model,
@@ -78,6 +72,13 @@ class ZOTrainer(Trainer):
                     num_draws=self.args.gradient_probe_draws,
                     save_histograms=self.args.gradient_probe_histograms,
                 )
+            )
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled or bool(self.args.fsdp) or bool(self.args.deepspeed)
+        if sharded and "zo" in orders:
+            raise ValueError(
+                "ZO training does not support FSDP or DeepSpeed sharding: the probes perturb whole parameters "
+                "inside each module's forward. Use data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO "
+                "step already runs at inference memory. FO-only runs (training_order='fo') may shard."
             )
         # In-place ZO-SGD needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
         self.uses_zo_sgd = orders == {"zo"} and not self.args.zo_write_grad
