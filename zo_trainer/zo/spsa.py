@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -43,7 +43,6 @@ class Probe:
     projected_grads: torch.Tensor  # shape (q,): zero for the queries this call did not evaluate
     losses: torch.Tensor  # every probe loss, in evaluation order
     num_forwards: int
-    names: tuple[str, ...] = field(default=())  # the parameters that were perturbed
 
     @property
     def loss(self) -> torch.Tensor:
@@ -128,7 +127,6 @@ class ZOEstimator:
             projected_grads=projected,
             losses=losses,
             num_forwards=len(losses),
-            names=tuple(n for n, _ in trainable),
         )
 
     def perturbed(self, trainable: list[tuple[str, nn.Parameter]], step: int, query: int, sign: float):
