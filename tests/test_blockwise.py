@@ -175,3 +175,19 @@ def test_negative_layer_index_names_the_last_layer_at_any_depth():
             model, [f"model.layers.{layers - 1}.mlp.*"])
     with pytest.raises(ValueError, match="index -5 does not fit 'model.layers'"):
         match_parameters(tiny_llama(), ["model.layers.-5.mlp.*"])
+
+
+def test_logs_carry_the_exact_block_start_and_plots_mark_it(tmp_path):
+    from zo_trainer.plotting import loss_curves_figure
+
+    schedule = [{"name": "first", "parameters": [LAYER0], "steps": 3},
+                {"name": "second", "parameters": [LAYER1_MLP], "steps": 3}]
+    trainer = ZOTrainer(model=tiny_llama(), args=config(tmp_path, logging_steps=2, block_schedule=schedule),
+                        train_dataset=random_token_dataset())
+    trainer.train()
+    trainer.save_state()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [(e["step"], e["block_name"], e["block_start"]) for e in logs] == [(2, "first", 0), (4, "second", 3),
+                                                                             (6, "second", 3)]
+    ax = loss_curves_figure([tmp_path / "run"]).axes[0]
+    assert [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == ":"] == [3.0]  # not the log at 4

@@ -70,12 +70,15 @@ def _eval_series(history: list[dict], x: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _block_starts(history: list[dict], x: str) -> list[tuple[float, str]]:
-    """(x, name) at the first training entry of each block, from `block_index` changes."""
+    """(x, name) where each block began, from `block_index` changes: at the logged `block_start` step
+    (x interpolated from the training entries), else at the block's first training entry."""
+    steps, xs = _arrays([(e["step"], e[x]) for e in history if "loss" in e and "step" in e and x in e])
     starts, current = [], None
     for e in history:
         if "loss" in e and "block_index" in e and x in e and e["block_index"] != current:
             current = e["block_index"]
-            starts.append((float(e[x]), str(e.get("block_name", f"block {current}"))))
+            at = float(e[x]) if "block_start" not in e else float(np.interp(e["block_start"], steps, xs))
+            starts.append((at, str(e.get("block_name", f"block {current}"))))
     return starts
 
 

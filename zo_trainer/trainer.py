@@ -314,6 +314,7 @@ class ZOTrainer(Trainer):
             logs.update(self._counters)
             if self.active_block is not None:
                 logs["block_index"], logs["block_name"] = self.active_block
+                logs["block_start"] = self.block_schedule.blocks[self.active_block[0]].start
             logs["trainable_parameters"] = sum(p.numel() for _, p in self.zo_estimator.trainable())
             logs.update(self._window.flush())
         super().log(logs, start_time)
