@@ -2,7 +2,7 @@
 
 import os
 
-# Before torch loads OpenMP: on a busy 2-core machine, spinning OpenMP workers made forwards 20-30x slower.
+# Before torch loads OpenMP: on a busy 2-core machine, spin-waiting OpenMP workers slow forwards down many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402

@@ -11,10 +11,9 @@ copy is kept from the first user to the last, so they are drawn once per forward
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
-Two measured costs shape the code: the sweeps run on one thread (drawing z is sequential, and a
-parallel region per 1 MiB chunk stalls on a busy machine: 2 threads made the update sweep 3-4x
-slower than 1), and perturbed copies below glibc's mmap ceiling are pooled (allocating and freeing
-one per module per forward fragments the heap: +58 MiB of RSS over inference on a 20M Llama).
+Two costs shape the code: the sweeps run on one thread (drawing z is sequential, and a parallel
+region per chunk stalls when another process holds a core), and perturbed copies below glibc's mmap
+ceiling are pooled rather than allocated and freed per module and forward, which fragments the heap.
 """
 
 from __future__ import annotations
