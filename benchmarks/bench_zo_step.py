@@ -9,8 +9,8 @@ llama2-20m, 20.0M params, batch 8x256). For each it reports
 
 * time (median of --repeats after one warm-up; the kinds are interleaved round-robin within each
   repeat so that load drifting on a shared machine hits every kind alike): forward only, ZO step
-  (zo_trainer.zo: probe + accumulate + step, central, Gaussian) for q=1 and q=4, with SubZero
-  low-rank directions (rank 4) for q=1, an inline MeZO
+  (zo_trainer.zo: probe + accumulate + step, central, Gaussian) for q=1 and q=4, with Rademacher
+  and with SubZero low-rank directions (rank 4) for q=1, an inline MeZO
   reference step (the published 4-sweep algorithm) for q=1 and q=4, and an FO-SGD step;
 * peak memory of inference / ZO step (q=1) / FO-SGD step, each in a fresh subprocess running 2 steps:
   on CUDA ``max_memory_allocated``; on CPU peak RSS in total and as the increment over the RSS right
@@ -86,6 +86,7 @@ def make_steps(model, x) -> dict:
         "forward": forward,
         "zo_q1": zo(1),
         "zo_q4": zo(4),
+        "zo_q1_rademacher": zo(1, "rademacher"),
         "zo_q1_lowrank": zo(1, "lowrank"),
         "mezo_q1": lambda: mezo_step(model, loss_fn, 1, next(counter)),
         "mezo_q4": lambda: mezo_step(model, loss_fn, 4, next(counter)),
@@ -197,6 +198,7 @@ def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
     ratios = {
         "zo_q1_time / 2 fwd": med["zo_q1"] / (2 * fwd),
         "zo_q4_time / 8 fwd": med["zo_q4"] / (8 * fwd),
+        "zo_q1_rademacher_time / 2 fwd": med["zo_q1_rademacher"] / (2 * fwd),
         "zo_q1_lowrank_time / 2 fwd": med["zo_q1_lowrank"] / (2 * fwd),
         "mezo_q1_time / 2 fwd": med["mezo_q1"] / (2 * fwd),
         "mezo_q4_time / 8 fwd": med["mezo_q4"] / (8 * fwd),

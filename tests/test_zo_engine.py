@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from zo_trainer.zo import ZOSGD, DirectionSampler, ZOEstimator, direction_seed
-from zo_trainer.zo.directions import CHUNK_NUMEL, scratch_buffer
+from zo_trainer.zo.directions import CHUNK_NUMEL, chunk_seed
 
 from conftest import tiny_llama
 
@@ -71,33 +71,73 @@ def test_sum_reduction_is_q_times_mean():
     torch.testing.assert_close(total, 3 * mean)
 
 
-def naive_z(seed, step, query, name, numel):
-    """A direction drawn in one call of the documented recipe, independent of the engine's chunking."""
-    g = torch.Generator().manual_seed(direction_seed(seed, step, query, name))
-    return torch.empty(numel).normal_(generator=g)
+def naive_z(seed, step, query, name, numel, distribution="gaussian"):
+    """A direction drawn by the documented recipe, one generator per chunk, without the engine's code paths."""
+    chunks = []
+    for c, start in enumerate(range(0, numel, CHUNK_NUMEL)):
+        g = torch.Generator().manual_seed(chunk_seed(direction_seed(seed, step, query, name), c))
+        size = min(CHUNK_NUMEL, numel - start)
+        if distribution == "gaussian":
+            chunks.append(torch.empty(size).normal_(generator=g))
+        else:  # rademacher: bit b of random byte i gives entry 8i + b: +1 if set, -1 if not
+            words = torch.empty(-(-size // 64), dtype=torch.int64).random_(-(2**63), None, generator=g)
+            bits = (words.view(torch.uint8).long().unsqueeze(1) >> torch.arange(8)) & 1
+            chunks.append((2.0 * bits - 1).flatten()[:size].float())
+    return torch.cat(chunks)
 
 
-def test_chunked_directions_equal_one_draw():
-    sampler = DirectionSampler("gaussian", seed=7)
-    numel = 2 * CHUNK_NUMEL + 123  # three chunks, the last one partial
-    got = torch.empty(numel)
-    for where, _, z in sampler.chunks("w", (numel,), 4, [1], scratch_buffer()):
-        got[where] = z
-    assert torch.equal(got, naive_z(7, 4, 1, "w", numel))
+def test_chunk_seeds_differ_in_their_low_32_bits():
+    """torch's CPU generator keeps 32 bits of a seed: chunk seeds must not collide there."""
+    low = {chunk_seed(direction_seed(0, 0, 0, "w"), c) & 0xFFFFFFFF for c in range(20_000)}
+    assert len(low) == 20_000
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_directions_equal_the_per_chunk_recipe_on_any_thread_count(distribution, threads):
+    numel = 3 * CHUNK_NUMEL + 13  # four chunks, the last one partial and not a multiple of 8
+    expected = naive_z(7, 4, 1, "w", numel, distribution)
+    sampler = DirectionSampler(distribution, seed=7)
+    source, target = torch.randn(numel), torch.empty(numel)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the engine splits the chunks over this many threads
+    try:
+        direction = sampler.direction("w", (numel,), 4, 1)
+        sampler.add_to("w", (numel,), 4, {1: 0.5}, source, target)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(direction, expected)
+    assert torch.equal(target, source + 0.5 * expected)
+
+
+def test_rademacher_signs_are_balanced_and_independent():
+    z = DirectionSampler("rademacher", seed=0).direction("w", (1_000_000,), 0, 0)
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(z.mean().item()) < 5e-3  # 5 standard errors
+    for lag in (1, 8, 64):
+        assert abs((z[lag:] * z[:-lag]).mean().item()) < 5e-3
 
 
 def test_correlated_directions_have_the_requested_correlation():
     alpha, numel = -0.7, 400_000
     sampler = DirectionSampler("gaussian", correlation=alpha, seed=0)
-    z = torch.empty(3, numel)
-    for where, k, chunk in sampler.chunks("w", (numel,), 0, [0, 1, 2], scratch_buffer()):
-        z[k, where] = chunk
+    z = torch.stack([sampler.direction("w", (numel,), 0, k) for k in range(3)])
     assert torch.equal(z[0], naive_z(0, 0, 0, "w", numel))  # z_0 is the plain direction
     for k in range(3):
         assert z[k].var().item() == pytest.approx(1.0, abs=0.01)
     for k in (0, 1):
         assert torch.corrcoef(z[k : k + 2])[0, 1].item() == pytest.approx(alpha, abs=0.01)
     assert torch.corrcoef(z[[0, 2]])[0, 1].item() == pytest.approx(alpha**2, abs=0.01)
+
+
+def test_several_queries_add_up_in_one_call():
+    sampler = DirectionSampler("gaussian", correlation=0.3, seed=1)
+    numel = CHUNK_NUMEL + 5
+    z = [sampler.direction("w", (numel,), 2, k) for k in range(3)]
+    p = torch.randn(numel)
+    expected = p + 0.5 * z[0] - 2.0 * z[2]
+    sampler.add_to("w", (numel,), 2, {0: 0.5, 2: -2.0}, p, p)  # in place
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
 
 
 class MatrixQuadratic(nn.Module):
@@ -119,11 +159,7 @@ class MatrixQuadratic(nn.Module):
 
 def test_lowrank_directions_are_low_rank_with_identity_covariance():
     sampler = DirectionSampler("lowrank", seed=0, rank=2, refresh_steps=1)
-    draws = []
-    for step in range(3000):
-        ((_, _, z),) = sampler.chunks("W", (6, 5), step, [0], scratch_buffer())
-        draws.append(z.clone().view(6, 5))
-    draws = torch.stack(draws)
+    draws = torch.stack([sampler.direction("W", (6, 5), step, 0) for step in range(3000)])
     assert all(torch.linalg.matrix_rank(d) <= 2 for d in draws[:20])
     covariance = torch.einsum("si,sj->ij", draws.flatten(1), draws.flatten(1)) / len(draws)
     assert (covariance - torch.eye(30)).abs().max() < 0.2  # E[vec z vec zᵀ] = I: SPSA stays unbiased

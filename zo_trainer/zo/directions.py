@@ -2,36 +2,53 @@
 
 Every direction entry is a pure function of (base seed, optimizer step, query index, parameter
 name). That is what lets a ZO step run at inference memory (z is drawn again for the update instead
-of being kept), and it makes the run independent of parameter order, process count and resume point.
+of being kept), and it makes the run independent of parameter order, process count, thread count and
+resume point.
 
-Directions are drawn in fixed-size chunks into a small reused float32 buffer, from one generator per
-(step, query, name) on the parameter's device, so the probes and the update see the same numbers and
-no parameter-sized temporary is ever needed to hold z.
+A parameter's flat storage is cut into chunks of ``CHUNK_NUMEL`` entries and chunk c of z_k is drawn
+by its own generator, seeded with ``chunk_seed(direction_seed(seed, step, k, name), c)``. Drawing z
+is the largest cost of a ZO step after the forwards, and one generator per chunk is what lets the
+chunks be drawn on every CPU core at once while giving the same numbers on any number of threads.
+Each chunk is drawn into a small reused buffer and consumed while it is in cache: nothing
+parameter-sized is ever allocated to hold z.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Iterator
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-CHUNK_NUMEL = 1 << 18  # 1 MiB of float32: amortises the call, stays in cache, adds little to peak memory
+CHUNK_NUMEL = 1 << 16  # 256 KiB of float32: fits in L2, and splits a 320x320 matrix over two cores
+
+_MASK64 = (1 << 64) - 1
 
 
-def _fill_gaussian(out: torch.Tensor, generator: torch.Generator) -> None:
-    out.normal_(generator=generator)
+def _fill_gaussian(z: torch.Tensor, generator: torch.Generator, workspace: "_Workspace") -> None:
+    z.normal_(generator=generator)
 
 
-def _fill_rademacher(out: torch.Tensor, generator: torch.Generator) -> None:
-    out.random_(0, 2, generator=generator).mul_(2).sub_(1)
+_SIGNS = torch.tensor([[1.0 if byte >> bit & 1 else -1.0 for bit in range(8)] for byte in range(256)])
 
 
-SAMPLERS: dict[str, Callable[[torch.Tensor, torch.Generator], None]] = {
-    "gaussian": _fill_gaussian,
-    "rademacher": _fill_rademacher,
-}
+def _fill_rademacher(z: torch.Tensor, generator: torch.Generator, workspace: "_Workspace") -> None:
+    """±1 with probability ½ each, 8 entries per random byte: a table lookup instead of one draw per entry."""
+    words = workspace.words[: -(-z.numel() // 64)]
+    words.random_(-(2**63), None, generator=generator)  # all 64 bits uniform (the default range leaves the top bit 0)
+    rows = workspace.rows[: words.numel() * 8]
+    rows.copy_(words.view(torch.uint8))
+    if z.numel() % 8:  # a tensor's last chunk of odd size: expand whole bytes, keep what fits
+        signs = workspace.signs[: rows.numel() * 8]
+        torch.index_select(workspace.sign_table, 0, rows, out=signs.view(-1, 8))
+        z.copy_(signs[: z.numel()])
+    else:
+        torch.index_select(workspace.sign_table, 0, rows[: z.numel() // 8], out=z.view(-1, 8))
+
+
+SAMPLERS = {"gaussian": _fill_gaussian, "rademacher": _fill_rademacher}
 """Element-wise distributions with mean 0 and variance 1: E[z zᵀ] = I keeps SPSA unbiased."""
 
 DISTRIBUTIONS = (*SAMPLERS, "lowrank")
@@ -44,8 +61,19 @@ def direction_seed(base_seed: int, step: int, query: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of chunk ``chunk`` of a direction seeded with ``seed``: splitmix64 of their sum.
+
+    Well mixed in the low 32 bits too, which are all that torch's CPU generator (mt19937) keeps.
+    """
+    x = (seed + (chunk + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
 class DirectionSampler:
-    """Draws the direction z_k of query k for one named parameter, as flat chunks.
+    """Draws the direction z_k of query k for one named parameter and adds it, scaled, to a tensor.
 
     With ``correlation`` α ≠ 0 the queries form the chain of the paper's Algorithm 1:
     z_0 = w_0 and z_k = α z_{k-1} + sqrt(1 - α²) w_k with independent w_k, so every z_k keeps unit
@@ -78,58 +106,78 @@ class DirectionSampler:
         self._fill = SAMPLERS.get(distribution, _fill_gaussian)
         self._bases: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (period, U, V)
 
-    def chunks(
+    @torch.no_grad()
+    def add_to(
         self,
         name: str,
         shape: torch.Size,
         step: int,
-        queries: list[int],
-        scratch: torch.Tensor,
-        into: torch.Tensor | None = None,
-    ) -> Iterator[tuple[slice, int, torch.Tensor]]:
-        """Yield (slice, k, z_k[slice]) over the flat parameter, chunk by chunk, queries in order.
+        scales: dict[int, float],
+        source: torch.Tensor,
+        target: torch.Tensor,
+    ) -> None:
+        """``target = source + Σ_k scales[k]·z_k`` over flat tensors of the parameter's size.
 
-        ``scratch`` (from :func:`scratch_buffer`, on the parameter's device) holds the yielded view,
-        which is only valid until the next iteration: consume it at once. With ``into`` (a flat float32
-        tensor of the parameter's size, one query), z is drawn straight into it instead.
+        ``target`` may be ``source`` (an in-place update). The arithmetic is float32 with one rounding
+        to the target's dtype per query, so half-precision copies are exact functions of p and z.
         """
-        if self.distribution == "lowrank" and len(shape) == 2:
-            yield from self._lowrank(name, shape, step, queries, scratch.device, into)
+        queries = sorted(scales)
+        if not queries:
+            if target is not source:
+                target.copy_(source)
             return
-        numel = math.prod(shape)
-        chain = list(range(max(queries) + 1)) if self.correlation else list(queries)
-        wanted = set(queries)
-        generators = {k: self._generator(step, k, name, scratch.device) for k in chain}
+        if self.distribution == "lowrank" and len(shape) == 2:
+            self._lowrank_add_to(name, shape, step, scales, source, target)
+            return
+        chain = list(range(queries[-1] + 1)) if self.correlation else queries
+        seeds = {k: direction_seed(self.seed, step, k, name) for k in chain}
         beta = math.sqrt(1.0 - self.correlation**2)
-        for start in range(0, numel, CHUNK_NUMEL):
-            size = min(CHUNK_NUMEL, numel - start)
-            where = slice(start, start + size)
-            z = scratch[:size] if into is None else into[where]
-            w = scratch[CHUNK_NUMEL : CHUNK_NUMEL + size]
+
+        def draw(chunk: int, workspace: _Workspace) -> None:
+            start = chunk * CHUNK_NUMEL
+            where = slice(start, min(start + CHUNK_NUMEL, source.numel()))
+            size = where.stop - where.start
+            z, w = workspace.z[:size], workspace.w[:size]
+            generator = workspace.generator
+            first = True
             for k in chain:
+                generator.manual_seed(chunk_seed(seeds[k], chunk))
                 if self.correlation and k > 0:
-                    self._fill(w, generators[k])
+                    self._fill(w, generator, workspace)
                     z.mul_(self.correlation).add_(w, alpha=beta)
                 else:
-                    self._fill(z, generators[k])
-                if k in wanted:
-                    yield where, k, z
+                    self._fill(z, generator, workspace)
+                if k in scales:
+                    if first:
+                        torch.add(source[where], z, alpha=scales[k], out=target[where])
+                        first = False
+                    else:
+                        target[where].add_(z, alpha=scales[k])
 
-    def _lowrank(self, name, shape, step, queries, device, into):
+        _run_chunks(draw, -(-source.numel() // CHUNK_NUMEL), source.device)
+
+    def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
+        """z_query of one parameter, materialised in float32 (diagnostics and tests; training never needs it)."""
+        zeros = torch.zeros(math.prod(shape))
+        out = torch.empty_like(zeros)
+        self.add_to(name, torch.Size(shape), step, {query: 1.0}, zeros, out)
+        return out.view(shape)
+
+    def _lowrank_add_to(self, name, shape, step, scales, source, target):
         rows, cols = shape
         rank = min(self.rank, rows, cols)
-        u, v = self._basis(name, rows, cols, rank, step, device)
+        u, v = self._basis(name, rows, cols, rank, step, source.device)
         scale = math.sqrt(rows * cols) / rank
         beta = math.sqrt(1.0 - self.correlation**2)
-        z = None
-        for k in range(max(queries) + 1) if self.correlation else queries:
-            core = torch.randn(rank, rank, generator=self._generator(step, k, name, device), device=device)
-            w = (u @ core @ v.T).mul_(scale).view(-1)
+        queries = sorted(scales)
+        z, first = None, True
+        for k in range(queries[-1] + 1) if self.correlation else queries:
+            core = torch.randn(rank, rank, generator=self._generator(step, k, name, source.device), device=source.device)
+            w = (u @ core @ v.T).view(-1)
             z = w if z is None or not self.correlation else z.mul_(self.correlation).add_(w, alpha=beta)
-            if k in queries:
-                if into is not None:
-                    z = into.copy_(z)
-                yield slice(0, rows * cols), k, z
+            if k in scales:
+                torch.add(source if first else target, z, alpha=scales[k] * scale, out=target)
+                first = False
 
     def _basis(self, name, rows, cols, rank, step, device):
         """U, V of the current refresh period: drawn from seeds, cached for the period only."""
@@ -146,6 +194,70 @@ class DirectionSampler:
         return torch.Generator(device=device).manual_seed(direction_seed(self.seed, step, query, name))
 
 
-def scratch_buffer(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The reused float32 buffer :meth:`DirectionSampler.chunks` draws into (two chunks wide)."""
-    return torch.empty(2 * CHUNK_NUMEL, dtype=torch.float32, device=device)
+# ------------------------------------------------------------------------------ drawing on every core
+class _Workspace:
+    """One thread's reusable buffers and generator, allocated on the main thread (see `_run_chunks`)."""
+
+    def __init__(self, device: torch.device):
+        self.z = torch.empty(CHUNK_NUMEL, device=device)
+        self.w = torch.empty(CHUNK_NUMEL, device=device)
+        self.generator = torch.Generator(device=device)
+        self.words = torch.empty(CHUNK_NUMEL // 64 + 1, dtype=torch.int64, device=device)
+        self.rows = torch.empty(self.words.numel() * 8, dtype=torch.int32, device=device)
+        self.signs = torch.empty(self.rows.numel() * 8, device=device)
+        self.sign_table = _SIGNS.to(device)
+
+
+_workspaces: dict[torch.device, list[_Workspace]] = {}
+_helper_pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
+_pool_lock = threading.Lock()
+
+
+def _run_chunks(draw, num_chunks: int, device: torch.device) -> None:
+    """Call ``draw(chunk, workspace)`` for every chunk, spread over ``torch.get_num_threads()`` threads.
+
+    Each thread takes a contiguous run of chunks and keeps to one core: its torch ops run single-
+    threaded, so the cores are not oversubscribed. On an accelerator the chunks run in order on the
+    calling thread (the device parallelises each draw). Workspaces are made here, on the calling
+    thread, so helper threads allocate nothing of size (no per-thread malloc arenas in the peak).
+    """
+    threads = min(torch.get_num_threads(), num_chunks) if device.type == "cpu" else 1
+    workspaces = _workspaces.setdefault(device, [])
+    while len(workspaces) < threads:
+        workspaces.append(_Workspace(device))
+    if threads == 1:
+        for chunk in range(num_chunks):
+            draw(chunk, workspaces[0])
+        return
+    bounds = [num_chunks * i // threads for i in range(threads + 1)]
+
+    def run(i: int) -> None:
+        for chunk in range(bounds[i], bounds[i + 1]):
+            draw(chunk, workspaces[i])
+
+    with _single_threaded_ops():
+        futures = [_helpers(threads - 1).submit(run, i) for i in range(1, threads)]
+        run(0)
+        for future in futures:
+            future.result()
+
+
+def _helpers(count: int) -> ThreadPoolExecutor:
+    """The helper threads (created once; their torch ops run on one core each)."""
+    global _helper_pool
+    with _pool_lock:
+        if _helper_pool is None or _helper_pool[0] < count:
+            pool = ThreadPoolExecutor(count, thread_name_prefix="zo-directions", initializer=torch.set_num_threads, initargs=(1,))
+            _helper_pool = (count, pool)
+        return _helper_pool[1]
+
+
+class _single_threaded_ops:
+    """Run the calling thread's torch ops on one core (its share of a parallel draw)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)

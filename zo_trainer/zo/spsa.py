@@ -11,14 +11,13 @@ copy is kept from the first user to the last, so they are drawn once per forward
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
-Two costs shape the code: the sweeps run on one thread (drawing z is sequential, and a parallel
-region per chunk stalls when another process holds a core), and perturbed copies below glibc's mmap
+Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
+`DirectionSampler.add_to` draws it chunk by chunk on every core. Perturbed copies below glibc's mmap
 ceiling are pooled rather than allocated and freed per module and forward, which fragments the heap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .directions import DirectionSampler, scratch_buffer
+from .directions import DirectionSampler
 
 ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
@@ -85,7 +84,6 @@ class ZOEstimator:
         self.reduction = reduction
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
-        self._scratch: dict[torch.device, torch.Tensor] = {}
         self._pool = _BufferPool()
 
     # ----------------------------------------------------------------------------------------- probe
@@ -143,43 +141,32 @@ class ZOEstimator:
     ) -> None:
         """ZO-SGD in place: ``p ← p·(1 − lr·wd) − lr·Σ_k c_k z_k`` for each (p, lr, wd) given.
 
-        z is redrawn chunk by chunk, so the only temporary is the chunk buffer.
+        z is redrawn chunk by chunk, so the only temporaries are the chunk buffers.
         """
         coefficients = coefficients.tolist()
-        queries = [k for k, c in enumerate(coefficients) if c != 0]
-        with _single_threaded():
-            for p, lr, weight_decay in params:
-                if weight_decay:
-                    p.mul_(1.0 - lr * weight_decay)
-                if not queries or lr == 0:
-                    continue
-                flat = _flat_view(p)
-                for where, k, z in self._chunks(p, step, queries):
-                    flat[where].add_(z.to(p.dtype), alpha=-lr * coefficients[k])
+        for p, lr, weight_decay in params:
+            if weight_decay:
+                p.mul_(1.0 - lr * weight_decay)
+            if lr:
+                self._add_directions(p, step, {k: -lr * c for k, c in enumerate(coefficients) if c}, p)
 
     @torch.no_grad()
     def write_grad(self, step: int, coefficients: torch.Tensor, params: Iterable[nn.Parameter]) -> None:
         """Materialise g into ``p.grad`` so any torch optimizer can consume it (costs one gradient's memory)."""
         coefficients = coefficients.tolist()
-        queries = [k for k, c in enumerate(coefficients) if c != 0]
-        with _single_threaded():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                flat = _flat_view(p.grad)
-                for where, k, z in self._chunks(p, step, queries):
-                    flat[where].add_(z.to(p.grad.dtype), alpha=coefficients[k])
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._add_directions(p, step, {k: c for k, c in enumerate(coefficients) if c}, p.grad)
 
     def name_of(self, p: nn.Parameter) -> str:
         return self._names[id(p)]
 
-    def _chunks(self, p: nn.Parameter, step: int, queries: list[int], into: torch.Tensor | None = None):
-        if not queries:
-            return iter(())
-        scratch = self._scratch.get(p.device)
-        if scratch is None:
-            scratch = self._scratch[p.device] = scratch_buffer(p.device)
-        return self.sampler.chunks(self.name_of(p), p.shape, step, queries, scratch, into)
+    def _add_directions(self, p: nn.Parameter, step: int, scales: dict[int, float], source: torch.Tensor, target=None):
+        """``target = source + Σ_k scales[k]·z_k(p)`` (in place when no target is given)."""
+        source = _flat_view(source)
+        target = source if target is None else _flat_view(target)
+        self.sampler.add_to(self.name_of(p), p.shape, step, scales, source, target)
 
 
 class _Perturbation:
@@ -232,15 +219,7 @@ class _Perturbation:
         if id(p) in self.cache:
             return self.cache[id(p)][0]
         out = self.estimator._pool.take(p)
-        flat_out, flat_p = out.view(-1), _flat_view(p)
-        with _single_threaded():
-            if p.dtype == torch.float32:  # draw z into the copy, then one pass: copy = p + δ·z
-                for _ in self.estimator._chunks(p, self.step, [self.query], into=flat_out):
-                    pass
-                torch.add(flat_p, flat_out, alpha=self.delta, out=flat_out)
-            else:  # z is drawn in float32, so half-precision copies go chunk by chunk through the scratch
-                for where, _, z in self.estimator._chunks(p, self.step, [self.query]):
-                    torch.add(flat_p[where], z, alpha=self.delta, out=flat_out[where])
+        self.estimator._add_directions(p, self.step, {self.query: self.delta}, p, out)
         self.cache[id(p)] = (out, self.users[id(p)])
         return out
 
@@ -278,16 +257,6 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.accel is not None:
             torch.cuda.set_rng_state(self.accel, self.device)
-
-
-@contextlib.contextmanager
-def _single_threaded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
