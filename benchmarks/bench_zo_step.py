@@ -15,6 +15,8 @@ llama2-20m, 20.0M params, batch 8x256). For each it reports
 * peak memory of inference / ZO step (q=1) / FO-SGD step, each in a fresh subprocess running 2 steps:
   on CUDA ``max_memory_allocated``; on CPU peak RSS in total and as the increment over the RSS right
   after building model and batch, so the Python + torch + weights baseline does not hide a step's cost;
+  on CPU twice: with glibc's default allocator, and with a fixed mmap threshold ("no-frag"), whose peak
+  is that of the live tensors without heap fragmentation;
 * the ratios against the targets: ZO time / (2q forwards) <= 1.05 and ZO peak / inference peak <= 1.02.
 """
 
@@ -185,9 +187,19 @@ def measure_memory(name: str, kind: str) -> dict:
     return {"peak": peak, "base": base, "increment": peak - base, "ru_maxrss": ru_maxrss}
 
 
-def memory_in_subprocess(name: str, kind: str) -> dict:
+ALLOCATORS = {  # name -> environment of the memory subprocess
+    "glibc": {},
+    # A fixed mmap threshold turns off glibc's dynamic one: every block >= 128 KiB is mapped and unmapped on
+    # its own, so the peak RSS is the live tensors', free of heap fragmentation (which depends on the order
+    # of allocations, not on what a step keeps alive).
+    "no-frag": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+}
+
+
+def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -203,11 +215,12 @@ def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
         "mezo_q1_time / 2 fwd": med["mezo_q1"] / (2 * fwd),
         "mezo_q4_time / 8 fwd": med["mezo_q4"] / (8 * fwd),
         "fo_sgd_time / fwd": med["fo_sgd"] / fwd,
-        "zo_peak / inf_peak (total)": memory["zo"]["peak"] / memory["inference"]["peak"],
-        "zo_peak / inf_peak (increment)": memory["zo"]["increment"] / memory["inference"]["increment"],
-        "fo_peak / zo_peak (total)": memory["fo_sgd"]["peak"] / memory["zo"]["peak"],
-        "fo_peak / zo_peak (increment)": memory["fo_sgd"]["increment"] / memory["zo"]["increment"],
     }
+    for allocator, mem in memory.items():
+        ratios[f"zo_peak / inf_peak ({allocator}, total)"] = mem["zo"]["peak"] / mem["inference"]["peak"]
+        ratios[f"zo_peak / inf_peak ({allocator}, increment)"] = mem["zo"]["increment"] / mem["inference"]["increment"]
+        ratios[f"fo_peak / zo_peak ({allocator}, total)"] = mem["fo_sgd"]["peak"] / mem["zo"]["peak"]
+        ratios[f"fo_peak / zo_peak ({allocator}, increment)"] = mem["fo_sgd"]["increment"] / mem["zo"]["increment"]
     return {
         "params": params,
         "batch": list(MODELS[name][1:]),
@@ -224,9 +237,10 @@ def print_table(results: dict) -> None:
     for kind in next(iter(results.values()))["median_s"]:
         rows.append((f"time {kind} (s)", lambda r, k=kind: f"{r['median_s'][k]:.4f}"))
     unit = "MiB alloc" if DEVICE.type == "cuda" else "MiB RSS"
-    for kind in MEM_KINDS:
-        rows.append((f"peak {kind} ({unit})", lambda r, k=kind: f"{r['memory_kib'][k]['peak'] / 1024:.1f}"))
-        rows.append((f"  increment {kind}", lambda r, k=kind: f"{r['memory_kib'][k]['increment'] / 1024:.1f}"))
+    for allocator in ALLOCATORS:
+        for kind in MEM_KINDS:
+            rows.append((f"peak {kind} ({unit}, {allocator})", lambda r, a=allocator, k=kind: f"{r['memory_kib'][a][k]['peak'] / 1024:.1f}"))
+            rows.append((f"  increment {kind}", lambda r, a=allocator, k=kind: f"{r['memory_kib'][a][k]['increment'] / 1024:.1f}"))
     for ratio in next(iter(results.values()))["ratios"]:
         rows.append((ratio, lambda r, k=ratio: f"{r['ratios'][k]:.3f}"))
     width = max(len(label) for label, _ in rows)
@@ -252,7 +266,7 @@ def main():
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     # memory first: a child's ru_maxrss starts at this process's peak, so keep that small
-    memory = {n: {kind: memory_in_subprocess(n, kind) for kind in MEM_KINDS} for n in names}
+    memory = {n: {a: {kind: memory_in_subprocess(n, kind, a) for kind in MEM_KINDS} for a in ALLOCATORS} for n in names}
     results = {}
     for n in names:
         repeats = 2 if args.quick else args.repeats or DEFAULT_REPEATS[n]
