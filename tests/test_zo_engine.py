@@ -316,3 +316,4 @@ def test_accumulating_two_steps_is_refused(llama):
     optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 0))
     with pytest.raises(ValueError, match="step 1"):
         optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 1))
+

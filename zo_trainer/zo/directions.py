@@ -5,12 +5,13 @@ name). That is what lets a ZO step run at inference memory (z is drawn again for
 of being kept), and it makes the run independent of parameter order, process count, thread count and
 resume point.
 
-A parameter's flat storage is cut into chunks of ``CHUNK_NUMEL`` entries and chunk c of z_k is drawn
-by its own generator, seeded with ``chunk_seed(direction_seed(seed, step, k, name), c)``. Drawing z
-is the largest cost of a ZO step after the forwards, and one generator per chunk is what lets the
+A parameter's flat storage is cut into chunks of ``chunk_numel(device)`` entries and chunk c of z_k is
+drawn by its own generator, seeded with ``chunk_seed(direction_seed(seed, step, k, name), c)``. Drawing
+z is the largest cost of a ZO step after the forwards, and one generator per chunk is what lets the
 chunks be drawn on every CPU core at once while giving the same numbers on any number of threads.
 Each chunk is drawn into a small reused buffer and consumed while it is in cache: nothing
-parameter-sized is ever allocated to hold z.
+parameter-sized is ever allocated to hold z. (The numbers differ between device types anyway: torch's
+CPU generator is mt19937, CUDA's is Philox; accelerators take larger chunks, fewer kernel launches.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-CHUNK_NUMEL = 1 << 16  # 256 KiB of float32: fits in L2, and splits a 320x320 matrix over two cores
+CHUNK_NUMEL = 1 << 16  # CPU: 256 KiB of float32 fits in L2, and splits a 320x320 matrix over two cores
+ACCELERATOR_CHUNK_NUMEL = 1 << 22  # 16 MiB per buffer: a 1B-parameter draw is ~250 chunks, not 15,000 launches
+
+
+def chunk_numel(device: torch.device) -> int:
+    return CHUNK_NUMEL if device.type == "cpu" else ACCELERATOR_CHUNK_NUMEL
 
 _MASK64 = (1 << 64) - 1
 
@@ -133,9 +139,11 @@ class DirectionSampler:
         seeds = {k: direction_seed(self.seed, step, k, name) for k in chain}
         beta = math.sqrt(1.0 - self.correlation**2)
 
+        chunk_size = chunk_numel(source.device)
+
         def draw(chunk: int, workspace: _Workspace) -> None:
-            start = chunk * CHUNK_NUMEL
-            where = slice(start, min(start + CHUNK_NUMEL, source.numel()))
+            start = chunk * chunk_size
+            where = slice(start, min(start + chunk_size, source.numel()))
             size = where.stop - where.start
             z, w = workspace.z[:size], workspace.w[:size]
             generator = workspace.generator
@@ -154,7 +162,7 @@ class DirectionSampler:
                     else:
                         target[where].add_(z, alpha=scales[k])
 
-        _run_chunks(draw, -(-source.numel() // CHUNK_NUMEL), source.device)
+        _run_chunks(draw, -(-source.numel() // chunk_size), source.device)
 
     def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
         """z_query of one parameter, materialised in float32 (diagnostics and tests; training never needs it)."""
@@ -199,10 +207,11 @@ class _Workspace:
     """One thread's reusable buffers and generator, allocated on the main thread (see `_run_chunks`)."""
 
     def __init__(self, device: torch.device):
-        self.z = torch.empty(CHUNK_NUMEL, device=device)
-        self.w = torch.empty(CHUNK_NUMEL, device=device)
+        size = chunk_numel(device)
+        self.z = torch.empty(size, device=device)
+        self.w = torch.empty(size, device=device)
         self.generator = torch.Generator(device=device)
-        self.words = torch.empty(CHUNK_NUMEL // 64 + 1, dtype=torch.int64, device=device)
+        self.words = torch.empty(size // 64 + 1, dtype=torch.int64, device=device)
         self.rows = torch.empty(self.words.numel() * 8, dtype=torch.int32, device=device)
         self.signs = torch.empty(self.rows.numel() * 8, device=device)
         self.sign_table = _SIGNS.to(device)
