@@ -83,11 +83,13 @@ def naive_z(seed, step, query, name, numel, distribution="gaussian"):
             words = torch.empty(-(-size // 64), dtype=torch.int64).random_(-(2**63), None, generator=g)
             bits = (words.view(torch.uint8).long().unsqueeze(1) >> torch.arange(8)) & 1
             chunks.append((2.0 * bits - 1).flatten()[:size].float())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def test_chunk_seeds_differ_in_their_low_32_bits():
-    """torch's CPU generator keeps 32 bits of a seed: chunk seeds must not collide there."""
+def test_chunk_seeds_vary_in_their_low_32_bits():
+    """torch's CPU generator keeps 32 bits of a seed, so the mix must reach them: no two of the first
+    20,000 chunks of this direction share a stream (a fixed-seed check; a random set of 20,000 32-bit
+    values collides with probability ~5%, harmlessly)."""
     low = {chunk_seed(direction_seed(0, 0, 0, "w"), c) & 0xFFFFFFFF for c in range(20_000)}
     assert len(low) == 20_000
 
@@ -108,6 +110,35 @@ def test_directions_equal_the_per_chunk_recipe_on_any_thread_count(distribution,
         torch.set_num_threads(before)
     assert torch.equal(direction, expected)
     assert torch.equal(target, source + 0.5 * expected)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("numel", [0, 1, 7, 64, 65])
+def test_tiny_parameters_follow_the_recipe(distribution, numel):
+    sampler = DirectionSampler(distribution, seed=2)
+    assert torch.equal(sampler.direction("b", (numel,), 1, 0), naive_z(2, 1, 0, "b", numel, distribution))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_copies_round_once_from_float32(dtype):
+    numel = CHUNK_NUMEL + 100
+    p = torch.randn(numel, generator=torch.Generator().manual_seed(3)).to(dtype)
+    copy = torch.empty_like(p)
+    DirectionSampler("gaussian", seed=0).add_to("w", (numel,), 0, {0: 1e-2}, p, copy)
+    assert torch.equal(copy, torch.add(p.float(), naive_z(0, 0, 0, "w", numel), alpha=1e-2).to(dtype))
+
+
+def test_lowrank_directions_ignore_autocast():
+    """The probes build z inside the (autocast) forward, the update outside it: both must see one z."""
+    sampler = DirectionSampler("lowrank", seed=0, rank=2)
+    plain = sampler.direction("W", (6, 5), 3, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(sampler.direction("W", (6, 5), 3, 0), plain)
+
+
+def test_add_to_refuses_tensors_that_are_not_flat():
+    with pytest.raises(ValueError, match="flat contiguous tensors of 12 entries"):
+        DirectionSampler().add_to("w", (3, 4), 0, {0: 1.0}, torch.zeros(3, 4), torch.zeros(3, 4))
 
 
 def test_rademacher_signs_are_balanced_and_independent():
@@ -316,4 +347,3 @@ def test_accumulating_two_steps_is_refused(llama):
     optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 0))
     with pytest.raises(ValueError, match="step 1"):
         optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 1))
-

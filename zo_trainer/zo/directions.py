@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -30,28 +30,29 @@ ACCELERATOR_CHUNK_NUMEL = 1 << 22  # 16 MiB per buffer: a 1B-parameter draw is ~
 def chunk_numel(device: torch.device) -> int:
     return CHUNK_NUMEL if device.type == "cpu" else ACCELERATOR_CHUNK_NUMEL
 
+
 _MASK64 = (1 << 64) - 1
 
 
-def _fill_gaussian(z: torch.Tensor, generator: torch.Generator, workspace: "_Workspace") -> None:
-    z.normal_(generator=generator)
+def _fill_gaussian(buffer: torch.Tensor, size: int, generator: torch.Generator, workspace: "_Workspace") -> torch.Tensor:
+    return buffer[:size].normal_(generator=generator)
 
 
 _SIGNS = torch.tensor([[1.0 if byte >> bit & 1 else -1.0 for bit in range(8)] for byte in range(256)])
 
 
-def _fill_rademacher(z: torch.Tensor, generator: torch.Generator, workspace: "_Workspace") -> None:
-    """±1 with probability ½ each, 8 entries per random byte: a table lookup instead of one draw per entry."""
-    words = workspace.words[: -(-z.numel() // 64)]
+def _fill_rademacher(buffer: torch.Tensor, size: int, generator: torch.Generator, workspace: "_Workspace") -> torch.Tensor:
+    """±1 with probability ½ each, 8 entries per random byte: a table lookup instead of one draw per entry.
+
+    Bit b of byte i gives entry 8i + b. Whole 64-bit words are expanded (chunk sizes are multiples of 64,
+    so they fit in the buffer) and the first ``size`` entries are the direction.
+    """
+    words = workspace.words[: -(-size // 64)]
     words.random_(-(2**63), None, generator=generator)  # all 64 bits uniform (the default range leaves the top bit 0)
     rows = workspace.rows[: words.numel() * 8]
     rows.copy_(words.view(torch.uint8))
-    if z.numel() % 8:  # a tensor's last chunk of odd size: expand whole bytes, keep what fits
-        signs = workspace.signs[: rows.numel() * 8]
-        torch.index_select(workspace.sign_table, 0, rows, out=signs.view(-1, 8))
-        z.copy_(signs[: z.numel()])
-    else:
-        torch.index_select(workspace.sign_table, 0, rows[: z.numel() // 8], out=z.view(-1, 8))
+    torch.index_select(workspace.sign_table, 0, rows, out=buffer[: rows.numel() * 8].view(-1, 8))
+    return buffer[:size]
 
 
 SAMPLERS = {"gaussian": _fill_gaussian, "rademacher": _fill_rademacher}
@@ -127,13 +128,19 @@ class DirectionSampler:
         ``target`` may be ``source`` (an in-place update). The arithmetic is float32 with one rounding
         to the target's dtype per query, so half-precision copies are exact functions of p and z.
         """
+        numel = math.prod(shape)
+        for tensor in (source, target):
+            if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
+                raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
         queries = sorted(scales)
         if not queries:
             if target is not source:
                 target.copy_(source)
             return
         if self.distribution == "lowrank" and len(shape) == 2:
-            self._lowrank_add_to(name, shape, step, scales, source, target)
+            # float32 even under autocast: the probes run inside the forward, the update outside it
+            with torch.autocast(source.device.type, enabled=False):
+                self._lowrank_add_to(name, shape, step, scales, source, target)
             return
         chain = list(range(queries[-1] + 1)) if self.correlation else queries
         seeds = {k: direction_seed(self.seed, step, k, name) for k in chain}
@@ -145,16 +152,15 @@ class DirectionSampler:
             start = chunk * chunk_size
             where = slice(start, min(start + chunk_size, source.numel()))
             size = where.stop - where.start
-            z, w = workspace.z[:size], workspace.w[:size]
             generator = workspace.generator
             first = True
             for k in chain:
                 generator.manual_seed(chunk_seed(seeds[k], chunk))
                 if self.correlation and k > 0:
-                    self._fill(w, generator, workspace)
+                    w = self._fill(workspace.w, size, generator, workspace)
                     z.mul_(self.correlation).add_(w, alpha=beta)
                 else:
-                    self._fill(z, generator, workspace)
+                    z = self._fill(workspace.z, size, generator, workspace)
                 if k in scales:
                     if first:
                         torch.add(source[where], z, alpha=scales[k], out=target[where])
@@ -165,7 +171,7 @@ class DirectionSampler:
         _run_chunks(draw, -(-source.numel() // chunk_size), source.device)
 
     def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
-        """z_query of one parameter, materialised in float32 (diagnostics and tests; training never needs it)."""
+        """z_query of one parameter as drawn on CPU, in float32 (diagnostics and tests; training never needs it)."""
         zeros = torch.zeros(math.prod(shape))
         out = torch.empty_like(zeros)
         self.add_to(name, torch.Size(shape), step, {query: 1.0}, zeros, out)
@@ -204,22 +210,21 @@ class DirectionSampler:
 
 # ------------------------------------------------------------------------------ drawing on every core
 class _Workspace:
-    """One thread's reusable buffers and generator, allocated on the main thread (see `_run_chunks`)."""
+    """One thread's reusable buffers and generator, allocated on the calling thread (see `_run_chunks`)."""
 
     def __init__(self, device: torch.device):
         size = chunk_numel(device)
         self.z = torch.empty(size, device=device)
-        self.w = torch.empty(size, device=device)
+        self.w = torch.empty(size, device=device)  # the fresh part of a correlated direction
         self.generator = torch.Generator(device=device)
-        self.words = torch.empty(size // 64 + 1, dtype=torch.int64, device=device)
-        self.rows = torch.empty(self.words.numel() * 8, dtype=torch.int32, device=device)
-        self.signs = torch.empty(self.rows.numel() * 8, device=device)
+        self.words = torch.empty(size // 64, dtype=torch.int64, device=device)  # Rademacher: 64 entries a word
+        self.rows = torch.empty(size // 8, dtype=torch.int32, device=device)
         self.sign_table = _SIGNS.to(device)
 
 
 _workspaces: dict[torch.device, list[_Workspace]] = {}
 _helper_pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
-_pool_lock = threading.Lock()
+_draw_lock = threading.Lock()  # one draw at a time: the workspaces are shared
 
 
 def _run_chunks(draw, num_chunks: int, device: torch.device) -> None:
@@ -227,46 +232,43 @@ def _run_chunks(draw, num_chunks: int, device: torch.device) -> None:
 
     Each thread takes a contiguous run of chunks and keeps to one core: its torch ops run single-
     threaded, so the cores are not oversubscribed. On an accelerator the chunks run in order on the
-    calling thread (the device parallelises each draw). Workspaces are made here, on the calling
-    thread, so helper threads allocate nothing of size (no per-thread malloc arenas in the peak).
+    calling thread (the device parallelises each draw). Workspaces are made on the calling thread; the
+    helpers allocate only small tensor headers (and, for half-precision targets, chunk-sized float32
+    temporaries).
     """
-    threads = min(torch.get_num_threads(), num_chunks) if device.type == "cpu" else 1
-    workspaces = _workspaces.setdefault(device, [])
-    while len(workspaces) < threads:
-        workspaces.append(_Workspace(device))
-    if threads == 1:
-        for chunk in range(num_chunks):
-            draw(chunk, workspaces[0])
+    if num_chunks == 0:
         return
-    bounds = [num_chunks * i // threads for i in range(threads + 1)]
+    with _draw_lock:
+        if device.type != "cpu":
+            workspace = _workspaces.setdefault(device, [_Workspace(device)])[0]
+            for chunk in range(num_chunks):
+                draw(chunk, workspace)
+            return
+        threads = min(torch.get_num_threads(), num_chunks)
+        workspaces = _workspaces.setdefault(device, [])
+        while len(workspaces) < threads:
+            workspaces.append(_Workspace(device))
+        bounds = [num_chunks * i // threads for i in range(threads + 1)]
 
-    def run(i: int) -> None:
-        for chunk in range(bounds[i], bounds[i + 1]):
-            draw(chunk, workspaces[i])
+        def run(i: int) -> None:
+            torch.set_num_threads(1)  # a helper's first torch op would otherwise start a team of threads
+            for chunk in range(bounds[i], bounds[i + 1]):
+                draw(chunk, workspaces[i])
 
-    with _single_threaded_ops():
+        outer_threads = torch.get_num_threads()
         futures = [_helpers(threads - 1).submit(run, i) for i in range(1, threads)]
-        run(0)
+        try:
+            run(0)
+        finally:
+            wait(futures)  # never return while a helper still writes into the target or the workspaces
+            torch.set_num_threads(outer_threads)
         for future in futures:
             future.result()
 
 
 def _helpers(count: int) -> ThreadPoolExecutor:
-    """The helper threads (created once; their torch ops run on one core each)."""
+    """The helper threads, created once (under `_draw_lock`)."""
     global _helper_pool
-    with _pool_lock:
-        if _helper_pool is None or _helper_pool[0] < count:
-            pool = ThreadPoolExecutor(count, thread_name_prefix="zo-directions", initializer=torch.set_num_threads, initargs=(1,))
-            _helper_pool = (count, pool)
-        return _helper_pool[1]
-
-
-class _single_threaded_ops:
-    """Run the calling thread's torch ops on one core (its share of a parallel draw)."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+    if _helper_pool is None or _helper_pool[0] < count:
+        _helper_pool = (count, ThreadPoolExecutor(count, thread_name_prefix="zo-directions"))
+    return _helper_pool[1]
