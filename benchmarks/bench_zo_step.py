@@ -1,6 +1,6 @@
 """How close is a ZO step to its physical limit: 2q forward passes, at inference memory?
 
-    python benchmarks/bench_zo_step.py                      # small + 20m, ~5 min on 2 cores
+    python benchmarks/bench_zo_step.py                      # small + 20m, ~10 min on 2 cores
     python benchmarks/bench_zo_step.py --quick              # small only, 2 repeats (< 1 min)
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
 
@@ -42,7 +42,7 @@ MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
     "small": (PRESETS["llama-tiny"], 8, 128),
     "20m": (PRESETS["llama2-20m"], 8, 256),
 }
-DEFAULT_REPEATS = {"small": 5, "20m": 3}  # a 20m forward takes 1-2 s on 2 CPU cores
+DEFAULT_REPEATS = {"small": 9, "20m": 7}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
 MEM_KINDS = ("inference", "zo", "fo_sgd")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
