@@ -145,7 +145,6 @@ class DirectionSampler:
         chain = list(range(queries[-1] + 1)) if self.correlation else queries
         seeds = {k: direction_seed(self.seed, step, k, name) for k in chain}
         beta = math.sqrt(1.0 - self.correlation**2)
-
         chunk_size = chunk_numel(source.device)
 
         def draw(chunk: int, workspace: _Workspace) -> None:
@@ -153,10 +152,10 @@ class DirectionSampler:
             where = slice(start, min(start + chunk_size, source.numel()))
             size = where.stop - where.start
             generator = workspace.generator
-            first = True
+            first, z = True, None
             for k in chain:
                 generator.manual_seed(chunk_seed(seeds[k], chunk))
-                if self.correlation and k > 0:
+                if self.correlation and z is not None:  # Algorithm 1's chain: z_k = α z_{k-1} + β w_k
                     w = self._fill(workspace.w, size, generator, workspace)
                     z.mul_(self.correlation).add_(w, alpha=beta)
                 else:
