@@ -67,6 +67,8 @@ def worker(cli) -> None:
             "world": world, "step_s": statistics.median(step_times), "weights_sum": weights.double().sum().item(),
             "weights_abs_sum": weights.double().abs().sum().item(),
         }))
+    trainer.accelerator.wait_for_everyone()  # then destroy the process group: gloo can abort at exit otherwise
+    trainer.accelerator.end_training()
 
 
 def launch(processes: int, cli, out: Path) -> dict:

@@ -321,7 +321,10 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run a recipe end to end; returns the final metrics (train_*, eval_*, init_eval_*, perplexity)."""
-    return run(argv)[1]
+    trainer, metrics = run(argv)
+    trainer.accelerator.wait_for_everyone()  # then destroy the process group: gloo can abort at exit otherwise
+    trainer.accelerator.end_training()
+    return metrics
 
 
 if __name__ == "__main__":

@@ -39,3 +39,5 @@ rank = trainer.accelerator.process_index
 state = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 torch.save({"params": state, "world": trainer.accelerator.num_processes, "log": trainer.state.log_history},
            os.path.join(cli.out, f"rank{rank}.pt"))
+trainer.accelerator.wait_for_everyone()  # then destroy the process group: gloo can abort at exit otherwise
+trainer.accelerator.end_training()
