@@ -171,10 +171,9 @@ class DirectionSampler:
 
     def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
         """z_query of one parameter as drawn on CPU, in float32 (diagnostics and tests; training never needs it)."""
-        zeros = torch.zeros(math.prod(shape))
-        out = torch.empty_like(zeros)
-        self.add_to(name, torch.Size(shape), step, {query: 1.0}, zeros, out)
-        return out.view(shape)
+        z = torch.zeros(math.prod(shape))
+        self.add_to(name, torch.Size(shape), step, {query: 1.0}, z, z)
+        return z.view(shape)
 
     def _lowrank_add_to(self, name, shape, step, scales, source, target):
         rows, cols = shape
@@ -269,5 +268,7 @@ def _helpers(count: int) -> ThreadPoolExecutor:
     """The helper threads, created once (under `_draw_lock`)."""
     global _helper_pool
     if _helper_pool is None or _helper_pool[0] < count:
+        if _helper_pool is not None:
+            _helper_pool[1].shutdown(wait=False)  # more threads than before: replace, do not leak the old ones
         _helper_pool = (count, ThreadPoolExecutor(count, thread_name_prefix="zo-directions"))
     return _helper_pool[1]
