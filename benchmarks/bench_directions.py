@@ -5,10 +5,12 @@
 
 For one flat float32 tensor of --numel entries it times (median of --repeats, after a warm-up):
 
-* ``normal_``: torch's Gaussian draw (mt19937 + Box-Muller) into a reused 65,536-entry buffer, the raw
-  cost of random numbers;
-* ``add_to``: ``DirectionSampler.add_to`` (draw z chunk by chunk and write ``p + δ·z``), as a ZO probe or
-  update does it, for Gaussian and Rademacher directions;
+* ``normal_``: torch's own Gaussian draw (mt19937 + Box-Muller) into a reused 65,536-entry buffer,
+  the raw cost of random numbers the way MeZO draws them (one generator: never parallel);
+* ``add_to``: ``DirectionSampler.add_to`` (draw z and write ``p + δ·z``), as a ZO probe or update
+  does it, for Gaussian and Rademacher directions, through the C kernel;
+* ``add_to gaussian, torch code``: the same numbers drawn by the torch fallback (no C compiler at
+  install), on a tenth of the entries;
 
 each on one thread and on ``torch.get_num_threads()`` threads, in ns per entry.
 """
@@ -21,8 +23,9 @@ import time
 
 import torch
 
-from zo_trainer.zo import DirectionSampler
-from zo_trainer.zo.directions import CHUNK_NUMEL
+from zo_trainer.zo import DirectionSampler, philox
+
+BUFFER_NUMEL = 1 << 16
 
 
 def per_entry_ns(fn, numel: int, repeats: int) -> float:
@@ -40,29 +43,41 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=20_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     cli = parser.parse_args()
+    if philox.KERNEL is None:
+        print("# the C kernel is not built: add_to runs the torch code")
     source, target = torch.randn(cli.numel), torch.empty(cli.numel)
-    buffer, generator = torch.empty(CHUNK_NUMEL), torch.Generator().manual_seed(0)
+    buffer, generator = torch.empty(BUFFER_NUMEL), torch.Generator().manual_seed(0)
 
     def raw_normal():
-        for _ in range(0, cli.numel, CHUNK_NUMEL):
+        for _ in range(0, cli.numel, BUFFER_NUMEL):
             buffer.normal_(generator=generator)
+
+    def add_to(sampler, numel=cli.numel):
+        sampler.add_to("w", (numel,), next(steps), {0: 1e-3}, source[:numel], target[:numel])
+
+    def torch_code():
+        kernel, philox.KERNEL = philox.KERNEL, None
+        try:
+            add_to(samplers["gaussian"], cli.numel // 10)
+        finally:
+            philox.KERNEL = kernel
 
     samplers = {name: DirectionSampler(name, seed=0) for name in ("gaussian", "rademacher")}
     steps = iter(range(10**9))
-    kinds = {"normal_ (raw)": raw_normal}
+    kinds = {"normal_ (raw)": (raw_normal, cli.numel)}
     for name, sampler in samplers.items():
-        kinds[f"add_to {name}"] = lambda s=sampler: s.add_to("w", (cli.numel,), next(steps), {0: 1e-3}, source, target)
+        kinds[f"add_to {name}"] = (lambda s=sampler: add_to(s), cli.numel)
+    kinds["add_to gaussian, torch code"] = (torch_code, cli.numel // 10)
     all_threads = torch.get_num_threads()
     print(f"# {cli.numel:,} float32 entries, median of {cli.repeats}; ns per entry")
-    print(f"{'':<22}{'1 thread':>10}{f'{all_threads} threads':>12}")
-    for kind, fn in kinds.items():
+    print(f"{'':<30}{'1 thread':>10}{f'{all_threads} threads':>12}")
+    for kind, (fn, numel) in kinds.items():
         cells = []
         for threads in (1, all_threads):
             torch.set_num_threads(threads)
-            cells.append(per_entry_ns(fn, cli.numel, cli.repeats))
+            cells.append(per_entry_ns(fn, numel, cli.repeats))
         torch.set_num_threads(all_threads)
-        note = "  (one generator: never parallel)" if kind.startswith("normal_") else ""
-        print(f"{kind:<22}{cells[0]:>10.2f}{cells[1]:>12.2f}{note}")
+        print(f"{kind:<30}{cells[0]:>10.2f}{cells[1]:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from zo_trainer.zo import ZOSGD, DirectionSampler, ZOEstimator, direction_seed
-from zo_trainer.zo.directions import CHUNK_NUMEL, chunk_seed
+from zo_trainer.zo import directions, philox
 
 from conftest import tiny_llama
 
@@ -72,44 +72,32 @@ def test_sum_reduction_is_q_times_mean():
 
 
 def naive_z(seed, step, query, name, numel, distribution="gaussian"):
-    """A direction drawn by the documented recipe, one generator per chunk, without the engine's code paths."""
-    chunks = []
-    for c, start in enumerate(range(0, numel, CHUNK_NUMEL)):
-        g = torch.Generator().manual_seed(chunk_seed(direction_seed(seed, step, query, name), c))
-        size = min(CHUNK_NUMEL, numel - start)
-        if distribution == "gaussian":
-            chunks.append(torch.empty(size).normal_(generator=g))
-        else:  # rademacher: bit b of random byte i gives entry 8i + b: +1 if set, -1 if not
-            words = torch.empty(-(-size // 64), dtype=torch.int64).random_(-(2**63), None, generator=g)
-            bits = (words.view(torch.uint8).long().unsqueeze(1) >> torch.arange(8)) & 1
-            chunks.append((2.0 * bits - 1).flatten()[:size].float())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    """A direction by the documented recipe: Philox entries 0..numel-1 of key direction_seed(...).
+
+    `philox.gaussian` / `philox.rademacher` are checked against Random123 and a float64 Box-Muller in
+    test_philox.py; the engine draws through the C kernel."""
+    draw = philox.gaussian if distribution == "gaussian" else philox.rademacher
+    return draw(direction_seed(seed, step, query, name), 0, numel)
 
 
-def test_chunk_seeds_vary_in_their_low_32_bits():
-    """torch's CPU generator keeps 32 bits of a seed, so the mix must reach them: no two of the first
-    20,000 chunks of this direction share a stream (a fixed-seed check; a random set of 20,000 32-bit
-    values collides with probability ~5%, harmlessly)."""
-    low = {chunk_seed(direction_seed(0, 0, 0, "w"), c) & 0xFFFFFFFF for c in range(20_000)}
-    assert len(low) == 20_000
+NUMEL = 3 * 65536 + 13  # several OpenMP work shares, the last tile partial
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_directions_equal_the_per_chunk_recipe_on_any_thread_count(distribution, threads):
-    numel = 3 * CHUNK_NUMEL + 13  # four chunks, the last one partial and not a multiple of 8
-    expected = naive_z(7, 4, 1, "w", numel, distribution)
+def test_directions_equal_the_recipe_on_any_thread_count(distribution, threads):
+    expected = naive_z(7, 4, 1, "w", NUMEL, distribution)
     sampler = DirectionSampler(distribution, seed=7)
-    source, target = torch.randn(numel), torch.empty(numel)
+    source, target = torch.randn(NUMEL), torch.empty(NUMEL)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the engine splits the chunks over this many threads
+    torch.set_num_threads(threads)
     try:
-        direction = sampler.direction("w", (numel,), 4, 1)
-        sampler.add_to("w", (numel,), 4, {1: 0.5}, source, target)
+        direction = sampler.direction("w", (NUMEL,), 4, 1)
+        sampler.add_to("w", (NUMEL,), 4, {1: 0.5}, source, target)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(direction, expected)
-    assert torch.equal(target, source + 0.5 * expected)
+    assert torch.equal(target, source + expected * 0.5)
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
@@ -119,13 +107,41 @@ def test_tiny_parameters_follow_the_recipe(distribution, numel):
     assert torch.equal(sampler.direction("b", (numel,), 1, 0), naive_z(2, 1, 0, "b", numel, distribution))
 
 
+def test_directions_do_not_need_the_c_kernel(monkeypatch):
+    """Where ``pip install`` could not compile the kernel, the torch code draws the same numbers."""
+    sampler = DirectionSampler("gaussian", correlation=0.5, seed=4)
+    p = torch.randn(NUMEL)
+    with_kernel, without = p.clone(), p.clone()
+    sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, with_kernel)
+    monkeypatch.setattr(philox, "KERNEL", None)
+    sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, without)
+    assert torch.equal(with_kernel, without)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_accelerator_chunks_follow_their_recipe(distribution, monkeypatch):
+    """The accelerator path (device generator per chunk), run on CPU tensors with small chunks."""
+    monkeypatch.setattr(directions, "ACCELERATOR_CHUNK_NUMEL", 1000)
+    seeds, alpha = [11, 12], 0.6
+    source, target = torch.randn(2500), torch.empty(2500)
+    directions._accelerator_add_directions(source, target, seeds, [None, 0.5], alpha, distribution == "rademacher")
+    expected = []
+    for c, start in enumerate(range(0, 2500, 1000)):
+        w = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(directions.chunk_seed(seed, c))
+            size = min(1000, 2500 - start)
+            w.append(torch.empty(size).bernoulli_(0.5, generator=g) * 2 - 1 if distribution == "rademacher" else torch.randn(size, generator=g))
+        expected.append(source[start : start + size] + 0.5 * (alpha * w[0] + math.sqrt(1 - alpha**2) * w[1]))
+    torch.testing.assert_close(target, torch.cat(expected), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_copies_round_once_from_float32(dtype):
-    numel = CHUNK_NUMEL + 100
-    p = torch.randn(numel, generator=torch.Generator().manual_seed(3)).to(dtype)
+    p = torch.randn(NUMEL, generator=torch.Generator().manual_seed(3)).to(dtype)
     copy = torch.empty_like(p)
-    DirectionSampler("gaussian", seed=0).add_to("w", (numel,), 0, {0: 1e-2}, p, copy)
-    assert torch.equal(copy, torch.add(p.float(), naive_z(0, 0, 0, "w", numel), alpha=1e-2).to(dtype))
+    DirectionSampler("gaussian", seed=0).add_to("w", (NUMEL,), 0, {0: 1e-2}, p, copy)
+    assert torch.equal(copy, (p.float() + naive_z(0, 0, 0, "w", NUMEL) * 1e-2).to(dtype))
 
 
 def test_lowrank_directions_ignore_autocast():
@@ -163,7 +179,7 @@ def test_correlated_directions_have_the_requested_correlation():
 
 def test_several_queries_add_up_in_one_call():
     sampler = DirectionSampler("gaussian", correlation=0.3, seed=1)
-    numel = CHUNK_NUMEL + 5
+    numel = 65536 + 5
     z = [sampler.direction("w", (numel,), 2, k) for k in range(3)]
     p = torch.randn(numel)
     expected = p + 0.5 * z[0] - 2.0 * z[2]
@@ -216,7 +232,7 @@ def test_lowrank_estimate_is_unbiased_and_refreshes_its_basis():
 
 def test_probe_and_update_match_naive_spsa_on_tied_llama():
     """Naive reference: materialise every z, evaluate L(θ ± εz) with functional_call, update out of place."""
-    model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding: several chunks
+    model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding
     ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     eps, lr, q, seed, step = 1e-2, 1e-2, 2, 11, 3
     named = dict(model.named_parameters())  # tied weights appear once, under their first name

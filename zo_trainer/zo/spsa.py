@@ -12,7 +12,7 @@ copy is kept from the first user to the last, so they are drawn once per forward
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
 Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
-`DirectionSampler.add_to` draws it chunk by chunk on every core. Perturbed copies below glibc's mmap
+`DirectionSampler.add_to` draws it tile by tile on every core, fused with the add. Perturbed copies below glibc's mmap
 ceiling are pooled rather than allocated and freed per module and forward, which fragments the heap.
 """
 
@@ -141,7 +141,7 @@ class ZOEstimator:
     ) -> None:
         """ZO-SGD in place: ``p ← p·(1 − lr·wd) − lr·Σ_k c_k z_k`` for each (p, lr, wd) given.
 
-        z is redrawn chunk by chunk, so the only temporaries are the chunk buffers.
+        z is redrawn tile by tile, so nothing parameter-sized is allocated (see `DirectionSampler.add_to`).
         """
         coefficients = coefficients.tolist()
         for p, lr, weight_decay in params:

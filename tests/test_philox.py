@@ -1,0 +1,128 @@
+"""Counter-based directions against independent references: Random123's known answers, a float64
+Box-Muller of the same bits, and the C kernel against the torch code bit for bit."""
+
+import math
+
+import pytest
+import torch
+
+from zo_trainer.zo import philox
+
+KNOWN_ANSWERS = [  # Random123 kat_vectors: philox4x32 10 (counter, key) -> output
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+SEED = 0x243F6A8885A308D3
+needs_kernel = pytest.mark.skipif(philox.KERNEL is None, reason="the C kernel was not built (no C compiler at install)")
+
+
+@pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
+def test_scalar_philox_gives_random123_known_answers(counter, key, expected):
+    assert philox.philox4x32_10(counter, key) == expected
+
+
+def test_torch_blocks_equal_scalar_philox_across_the_32_bit_counter_boundary():
+    first = 2**32 - 3
+    blocks = philox.philox_blocks(SEED, first, 6)
+    for i, row in enumerate(blocks.tolist()):
+        c = first + i
+        assert tuple(row) == philox.philox4x32_10((c & 0xFFFFFFFF, c >> 32, 0, 0), (SEED & 0xFFFFFFFF, SEED >> 32))
+
+
+def float64_box_muller(seed, count):
+    """The documented recipe in float64 with torch's log/cos/sin, from the scalar generator's bits."""
+    out = []
+    for b in range(-(-count // 4)):
+        words = philox.philox4x32_10((b, 0, 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+        for a, t in (words[0:2], words[2:4]):
+            radius = math.sqrt(-2 * math.log(((a >> 9) * 2 + 1) / 2**24))
+            fraction = (((t & 0x3FFFFFFF) >> 6) * 2 + 1 - 2**24) / 2**25  # in (-1/2, 1/2)
+            theta = ((t >> 30) + fraction) * math.pi / 2
+            out += [radius * math.cos(theta), radius * math.sin(theta)]
+    return torch.tensor(out[:count], dtype=torch.float64)
+
+
+def test_gaussian_entries_are_box_muller_of_the_philox_bits():
+    z = philox.gaussian(SEED, 0, 4001).double()
+    reference = float64_box_muller(SEED, 4001)
+    assert (z - reference).abs().max() < 2e-6  # float32 polynomials for ln, sin, cos: a few ulp
+    assert ((z - reference).abs() / reference.abs()).median() < 1e-7
+
+
+def test_rademacher_entries_are_the_philox_bits():
+    z = philox.rademacher(SEED, 0, 300)
+    for i in range(300):
+        word = philox.philox4x32_10((i // 128, 0, 0, 0), (SEED & 0xFFFFFFFF, SEED >> 32))[(i // 32) % 4]
+        assert z[i].item() == (1.0 if word >> (i % 32) & 1 else -1.0)
+
+
+@pytest.mark.parametrize("draw", [philox.gaussian, philox.rademacher])
+def test_a_slice_drawn_on_its_own_equals_the_same_slice_of_the_whole(draw):
+    whole = draw(SEED, 0, 1000)
+    for first, count in ((0, 1), (3, 5), (129, 300), (997, 3)):
+        assert torch.equal(draw(SEED, first, count), whole[first : first + count])
+
+
+def test_gaussian_has_the_moments_and_the_distribution_of_a_standard_normal():
+    z = philox.gaussian(7, 0, 1 << 21).double()
+    n = z.numel()
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(z.pow(4).mean() - 3) < 5 * math.sqrt(96 / n)
+    cdf = torch.special.ndtr(z.sort().values)
+    ks = (cdf - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()
+    assert ks < 1.63 / math.sqrt(n)  # Kolmogorov-Smirnov at the 1% level
+    assert abs((z[1:] * z[:-1]).mean()) < 5 / math.sqrt(n)
+
+
+def both_paths(source, target_dtype, seeds, scales, correlation, is_rademacher, threads):
+    """``add_directions`` through the C kernel and through the torch code."""
+    results = []
+    before = torch.get_num_threads()
+    for kernel in (philox.KERNEL, None):
+        target = torch.empty(source.numel(), dtype=target_dtype)
+        old, philox.KERNEL = philox.KERNEL, kernel
+        torch.set_num_threads(threads)
+        try:
+            philox.add_directions(source, target, seeds, scales, correlation, is_rademacher)
+        finally:
+            philox.KERNEL = old
+            torch.set_num_threads(before)
+        results.append(target)
+    return results
+
+
+@needs_kernel
+@pytest.mark.parametrize("is_rademacher", [False, True])
+@pytest.mark.parametrize("numel", [0, 1, 7, 255, 256, 257, 3 * 65536 + 13])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_torch_code_bit_for_bit(is_rademacher, numel, threads):
+    source = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    for seeds, scales, correlation in (
+        ([5], [1e-3], 0.0),
+        ([5, 2**64 - 1, 11], [0.5, None, -3.0], 0.0),
+        ([5, 9, 11], [None, 0.3, 0.7], -0.5),
+    ):
+        kernel, reference = both_paths(source, torch.float32, seeds, scales, correlation, is_rademacher, threads)
+        assert torch.equal(kernel.view(torch.int32), reference.view(torch.int32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_equals_torch_code_in_half_precision(dtype):
+    source = torch.randn(philox.TORCH_CHUNK + 300, generator=torch.Generator().manual_seed(0)).to(dtype)
+    kernel, reference = both_paths(source, dtype, [3, 4], [1e-2, -1e-2], 0.0, False, 2)
+    assert torch.equal(kernel.view(torch.int16), reference.view(torch.int16))
+
+
+def test_in_place_update_equals_out_of_place():
+    source = torch.randn(70_001, generator=torch.Generator().manual_seed(1))
+    out = torch.empty_like(source)
+    philox.add_directions(source, out, [8], [0.25])
+    philox.add_directions(source, source, [8], [0.25])
+    assert torch.equal(source, out)

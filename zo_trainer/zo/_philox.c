@@ -1,0 +1,138 @@
+/* Philox4x32-10 directions on CPU: target = source + sum_k scale_k * z_k, z drawn tile by tile.
+ *
+ * The numbers are defined in philox.py, whose torch implementation computes them bit for bit (it is
+ * the fallback where this file cannot be built, and the tests' reference). Bit-exact on any x86 vector
+ * width because only exact integer ops and IEEE float +, *, sqrt are used, each rounded on its own:
+ * built with -ffp-contract=off, so no fused multiply-add changes a rounding.
+ *
+ * Built by setup.py with -fopenmp: the parallel loop then runs on torch's own OpenMP team (the same
+ * libgomp.so.1 is already loaded), so it never competes with torch's spinning worker threads.
+ * Called through ctypes (no Python headers needed).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define TILE_BLOCKS 64                 /* Philox blocks per Gaussian tile */
+#define TILE (4 * TILE_BLOCKS)         /* entries per tile: 256 (Rademacher: 2 blocks of 128 bits) */
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+static inline float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* Philox4x32-10 of counters (first + l, 0, 0) for l < count, key = seed: lane l's 4 words in x[.][l]. */
+static inline void philox(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
+    for (int l = 0; l < count; l++) {
+        uint64_t counter = first + (uint64_t)l;
+        x[0][l] = (uint32_t)counter; x[1][l] = (uint32_t)(counter >> 32); x[2][l] = 0; x[3][l] = 0;
+    }
+    uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; round++) {
+        for (int l = 0; l < count; l++) {
+            uint64_t p0 = (uint64_t)PHILOX_M0 * x[0][l], p1 = (uint64_t)PHILOX_M1 * x[2][l];
+            uint32_t y0 = (uint32_t)(p1 >> 32) ^ x[1][l] ^ key0;
+            uint32_t y2 = (uint32_t)(p0 >> 32) ^ x[3][l] ^ key1;
+            x[1][l] = (uint32_t)p1; x[3][l] = (uint32_t)p0; x[0][l] = y0; x[2][l] = y2;
+        }
+        key0 += PHILOX_W0; key1 += PHILOX_W1;
+    }
+}
+
+/* ln(u) for u in (0, 1): Cephes' logf, branch-free. Constants are the float32 values of philox.py. */
+static inline float log_f(float u) {
+    uint32_t bits = as_uint(u);
+    int32_t e = (int32_t)((bits >> 23) & 0xff) - 126;
+    uint32_t mantissa = (bits & 0x007fffffu) | 0x3f000000u;    /* in [0.5, 1) */
+    int32_t small = (int32_t)(mantissa < 0x3f3504f3u);         /* below sqrt(1/2): use 2m, e - 1 */
+    e -= small;
+    float m = as_float(mantissa + ((uint32_t)small << 23)) - 1.0f;
+    float z = m * m;
+    float y = 0x1.204376p-4f;
+    y = y * m + -0x1.d7a37p-4f;
+    y = y * m + 0x1.de4a34p-4f;
+    y = y * m + -0x1.fcba9ep-4f;
+    y = y * m + 0x1.23d37ep-3f;
+    y = y * m + -0x1.555cap-3f;
+    y = y * m + 0x1.999d58p-3f;
+    y = y * m + -0x1.fffff8p-3f;
+    y = y * m + 0x1.555554p-2f;
+    y = y * m * z;
+    float fe = (float)e;
+    y = y + -0x1.bd0106p-13f * fe;
+    y = y + -0.5f * z;
+    z = m + y;
+    return z + 0x1.63p-1f * fe;
+}
+
+/* Box-Muller of the word pairs (a, t): out_cos = r cos(theta), out_sin = r sin(theta). */
+static inline void box_muller(const uint32_t *restrict a, const uint32_t *restrict t,
+                              float *restrict out_cos, float *restrict out_sin) {
+    for (int l = 0; l < TILE_BLOCKS; l++) {
+        float u = (float)(int32_t)(((a[l] >> 9) << 1) | 1u) * 0x1p-24f;          /* (2k+1)/2^24 in (0, 1) */
+        float r = sqrtf(-2.0f * log_f(u));
+        uint32_t quadrant = t[l] >> 30;
+        float s = (float)((int32_t)((((t[l] & 0x3fffffffu) >> 6) << 1) | 1u) - (1 << 24)) * 0x1p-25f;
+        float angle = s * 0x1.921fb6p+0f;                                       /* in (-pi/4, pi/4) */
+        float zz = angle * angle;
+        float sine = ((-0x1.9943f2p-13f * zz + 0x1.11073cp-7f) * zz + -0x1.555546p-3f) * zz * angle + angle;
+        float cosine = ((0x1.99eb9cp-16f * zz + -0x1.6c0c34p-10f) * zz + 0x1.55554ap-5f) * zz * zz - 0.5f * zz + 1.0f;
+        uint32_t odd = 0u - (quadrant & 1u), negate = (quadrant & 2u) << 30;     /* rotate by quadrant/4 turns */
+        uint32_t c = (as_uint(cosine) & ~odd) | ((as_uint(sine) ^ 0x80000000u) & odd);
+        uint32_t s_ = (as_uint(sine) & ~odd) | (as_uint(cosine) & odd);
+        out_cos[l] = r * as_float(c ^ negate);
+        out_sin[l] = r * as_float(s_ ^ negate);
+    }
+}
+
+/* Entries [start, start + TILE) of one direction; start is a multiple of TILE. */
+static inline void draw_tile(uint64_t seed, int64_t start, int rademacher, float *restrict w) {
+    uint32_t x[4][TILE_BLOCKS];
+    if (rademacher) {  /* entry e: bit e % 32 of word (e / 32) % 4 of block e / 128 */
+        philox(seed, (uint64_t)start / 128, 2, x);
+        for (int i = 0; i < TILE; i++)
+            w[i] = (x[(i >> 5) & 3][i >> 7] >> (i & 31)) & 1u ? 1.0f : -1.0f;
+        return;
+    }
+    float z[4][TILE_BLOCKS];  /* entry 4b + 2p + j comes from words 2p (radius) and 2p + 1 (angle) of block b */
+    philox(seed, (uint64_t)start / 4, TILE_BLOCKS, x);
+    box_muller(x[0], x[1], z[0], z[1]);
+    box_muller(x[2], x[3], z[2], z[3]);
+    for (int l = 0; l < TILE_BLOCKS; l++)
+        for (int j = 0; j < 4; j++) w[4 * l + j] = z[j][l];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void add_tile(const float *source, float *target, int64_t first, int64_t n, int64_t tile,
+                     int32_t chain, const uint64_t *seeds, const float *scales, const uint8_t *used,
+                     float alpha, float beta, int32_t rademacher) {
+    float acc[TILE], z[TILE], w[TILE];
+    int64_t offset = tile * TILE, size = n - offset < TILE ? n - offset : TILE;
+    for (int64_t i = 0; i < size; i++) acc[i] = source[offset + i];
+    for (int32_t k = 0; k < chain; k++) {
+        draw_tile(seeds[k], first + offset, rademacher, w);
+        if (k > 0 && alpha != 0.0f)  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
+            for (int i = 0; i < TILE; i++) z[i] = alpha * z[i] + beta * w[i];
+        else
+            memcpy(z, w, sizeof z);
+        if (used[k])
+            for (int i = 0; i < TILE; i++) acc[i] = acc[i] + scales[k] * z[i];
+    }
+    for (int64_t i = 0; i < size; i++) target[offset + i] = acc[i];
+}
+
+/* target[i] = source[i] + sum_{k < chain, used[k]} scales[k] * z_k[first + i] for i < n (float32).
+ * z_k is drawn with seeds[k]; first is a multiple of 256; target may equal source. */
+void zo_add_directions(const float *source, float *target, int64_t first, int64_t n, int32_t chain,
+                       const uint64_t *seeds, const float *scales, const uint8_t *used,
+                       float alpha, float beta, int32_t rademacher, int32_t threads) {
+    int64_t tiles = (n + TILE - 1) / TILE;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 65536)
+    for (int64_t tile = 0; tile < tiles; tile++)
+        add_tile(source, target, first, n, tile, chain, seeds, scales, used, alpha, beta, rademacher);
+}
