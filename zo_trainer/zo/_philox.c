@@ -93,8 +93,10 @@ static inline void draw_tile(uint64_t seed, int64_t start, int rademacher, float
     uint32_t x[4][TILE_BLOCKS];
     if (rademacher) {  /* entry e: bit e % 32 of word (e / 32) % 4 of block e / 128 */
         philox(seed, (uint64_t)start / 128, 2, x);
-        for (int i = 0; i < TILE; i++)
-            w[i] = (x[(i >> 5) & 3][i >> 7] >> (i & 31)) & 1u ? 1.0f : -1.0f;
+        for (int j = 0; j < TILE / 32; j++) {
+            uint32_t word = x[j & 3][j >> 2];
+            for (int b = 0; b < 32; b++) w[32 * j + b] = (float)(int32_t)(((word >> b) & 1u) << 1) - 1.0f;
+        }
         return;
     }
     float z[4][TILE_BLOCKS];  /* entry 4b + 2p + j comes from words 2p (radius) and 2p + 1 (angle) of block b */
