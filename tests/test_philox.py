@@ -34,6 +34,19 @@ def test_torch_blocks_equal_scalar_philox_across_the_32_bit_counter_boundary():
         assert tuple(row) == philox.philox4x32_10((c & 0xFFFFFFFF, c >> 32, 0, 0), (SEED & 0xFFFFFFFF, SEED >> 32))
 
 
+@needs_kernel
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["portable", "avx2", "avx512"])
+def test_each_kernel_implementation_gives_the_scalar_philox_blocks(isa):
+    first = 2**32 - 32  # the counter's high word becomes 1 at lane 32
+    out = torch.empty(4, 64, dtype=torch.int32)
+    if not philox.LIBRARY.zo_philox_blocks(SEED, first, 64, isa, out.data_ptr()):
+        pytest.skip(f"this CPU lacks the instructions of implementation {isa}")
+    for lane in (0, 1, 15, 31, 32, 63):
+        c = first + lane
+        expected = philox.philox4x32_10((c & 0xFFFFFFFF, c >> 32, 0, 0), (SEED & 0xFFFFFFFF, SEED >> 32))
+        assert tuple(w & 0xFFFFFFFF for w in out[:, lane].tolist()) == expected
+
+
 def float64_box_muller(seed, count):
     """The documented recipe in float64 with torch's log/cos/sin, from the scalar generator's bits."""
     out = []

@@ -25,7 +25,7 @@ static inline float as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f;
 static inline uint32_t as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 /* Philox4x32-10 of counters (first + l, 0, 0) for l < count, key = seed: lane l's 4 words in x[.][l]. */
-static inline void philox(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
+static void philox_portable(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
     for (int l = 0; l < count; l++) {
         uint64_t counter = first + (uint64_t)l;
         x[0][l] = (uint32_t)counter; x[1][l] = (uint32_t)(counter >> 32); x[2][l] = 0; x[3][l] = 0;
@@ -40,6 +40,86 @@ static inline void philox(uint64_t seed, uint64_t first, int count, uint32_t x[4
         }
         key0 += PHILOX_W0; key1 += PHILOX_W1;
     }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* The same blocks, 16 at a time in AVX-512 registers (count and first are multiples of 16): the
+ * portable loop above makes gcc emulate full 64-bit products, this one multiplies 32x32 -> 64 directly. */
+__attribute__((target("avx512f")))
+static void philox_avx512(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
+    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 odd = 0xAAAA;
+    for (int g = 0; g < count; g += 16) {
+        uint64_t base = first + (uint64_t)g;  /* a multiple of 16: no carry into the high word inside a group */
+        __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lanes);
+        __m512i x1 = _mm512_set1_epi32((int)(uint32_t)(base >> 32)), x2 = _mm512_setzero_si512(), x3 = x2;
+        uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+        for (int round = 0; round < 10; round++) {
+            __m512i e0 = _mm512_mul_epu32(x0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
+            __m512i e1 = _mm512_mul_epu32(x2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
+            __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e0, 32), o0);
+            __m512i lo0 = _mm512_mask_blend_epi32(odd, e0, _mm512_slli_epi64(o0, 32));
+            __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e1, 32), o1);
+            __m512i lo1 = _mm512_mask_blend_epi32(odd, e1, _mm512_slli_epi64(o1, 32));
+            x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32((int)key0));
+            x1 = lo1;
+            x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32((int)key1));
+            x3 = lo0;
+            key0 += PHILOX_W0; key1 += PHILOX_W1;
+        }
+        _mm512_storeu_si512(&x[0][g], x0); _mm512_storeu_si512(&x[1][g], x1);
+        _mm512_storeu_si512(&x[2][g], x2); _mm512_storeu_si512(&x[3][g], x3);
+    }
+}
+/* The same blocks, 8 at a time in AVX2 registers (count and first are multiples of 8). */
+__attribute__((target("avx2")))
+static void philox_avx2(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
+    const __m256i m0 = _mm256_set1_epi32((int)PHILOX_M0), m1 = _mm256_set1_epi32((int)PHILOX_M1);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int g = 0; g < count; g += 8) {
+        uint64_t base = first + (uint64_t)g;
+        __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)base), lanes);
+        __m256i x1 = _mm256_set1_epi32((int)(uint32_t)(base >> 32)), x2 = _mm256_setzero_si256(), x3 = x2;
+        uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+        for (int round = 0; round < 10; round++) {
+            __m256i e0 = _mm256_mul_epu32(x0, m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0, 32), m0);
+            __m256i e1 = _mm256_mul_epu32(x2, m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(x2, 32), m1);
+            __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+            __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+            __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
+            __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+            x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32((int)key0));
+            x1 = lo1;
+            x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32((int)key1));
+            x3 = lo0;
+            key0 += PHILOX_W0; key1 += PHILOX_W1;
+        }
+        _mm256_storeu_si256((__m256i *)&x[0][g], x0); _mm256_storeu_si256((__m256i *)&x[1][g], x1);
+        _mm256_storeu_si256((__m256i *)&x[2][g], x2); _mm256_storeu_si256((__m256i *)&x[3][g], x3);
+    }
+}
+#endif
+
+/* Philox blocks through one implementation (0 portable, 1 AVX2, 2 AVX-512) into out[4][64], for the
+ * tests; count <= 64 and first are multiples of 16. Returns 0 where the CPU lacks the instructions. */
+int32_t zo_philox_blocks(uint64_t seed, uint64_t first, int32_t count, int32_t isa, uint32_t *out) {
+    uint32_t (*x)[TILE_BLOCKS] = (uint32_t (*)[TILE_BLOCKS])out;
+    if (isa == 0) { philox_portable(seed, first, count, x); return 1; }
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (isa == 1 && __builtin_cpu_supports("avx2")) { philox_avx2(seed, first, count, x); return 1; }
+    if (isa == 2 && __builtin_cpu_supports("avx512f")) { philox_avx512(seed, first, count, x); return 1; }
+#endif
+    return 0;
+}
+
+static inline void philox(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (count % 16 == 0 && __builtin_cpu_supports("avx512f")) { philox_avx512(seed, first, count, x); return; }
+    if (count % 8 == 0 && __builtin_cpu_supports("avx2")) { philox_avx2(seed, first, count, x); return; }
+#endif
+    philox_portable(seed, first, count, x);
 }
 
 /* ln(u) for u in (0, 1): Cephes' logf, branch-free. Constants are the float32 values of philox.py. */

@@ -134,23 +134,26 @@ def _add_directions_torch(source, target, first, seeds, scales, alpha, beta, is_
 
 
 # -------------------------------------------------------------------------------------- C kernel
-def _load_kernel():
-    """The compiled ``zo_add_directions``, or None where ``pip install`` could not build it."""
+def _load_library():
+    """The compiled kernel, or None where ``pip install`` could not build it."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = Path(__file__).with_name(f"_philox{suffix}")
         if path.exists():
-            function = ctypes.CDLL(str(path)).zo_add_directions  # ctypes releases the GIL for the call
-            function.restype = None
-            function.argtypes = [
+            library = ctypes.CDLL(str(path))  # ctypes releases the GIL for each call
+            library.zo_add_directions.restype = None
+            library.zo_add_directions.argtypes = [
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                 ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8),
                 ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_int32,
             ]  # fmt: skip
-            return function
+            library.zo_philox_blocks.restype = ctypes.c_int32
+            library.zo_philox_blocks.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+            return library
     return None
 
 
-KERNEL = _load_kernel()
+LIBRARY = _load_library()
+KERNEL = LIBRARY.zo_add_directions if LIBRARY is not None else None
 
 
 def _add_directions_kernel(source, target, first, seeds, scales, alpha, beta, is_rademacher):
