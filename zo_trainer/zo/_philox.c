@@ -214,7 +214,7 @@ void zo_add_directions(const float *source, float *target, int64_t first, int64_
                        const uint64_t *seeds, const float *scales, const uint8_t *used,
                        float alpha, float beta, int32_t rademacher, int32_t threads) {
     int64_t tiles = (n + TILE - 1) / TILE;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 65536)
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 4096)
     for (int64_t tile = 0; tile < tiles; tile++)
         add_tile(source, target, first, n, tile, chain, seeds, scales, used, alpha, beta, rademacher);
 }
