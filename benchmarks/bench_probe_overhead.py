@@ -1,0 +1,83 @@
+"""Where the time of a ZO step goes beyond its forwards: hooks and copies, drawing z, the update.
+
+    python benchmarks/bench_probe_overhead.py                 # 20m, 9 interleaved repeats (~1 min)
+    python benchmarks/bench_probe_overhead.py --model small --repeats 30
+
+On the bench_zo_step models (random init, fixed batch) it times, interleaved round-robin, with the
+median and the minimum over --repeats after a warm-up:
+
+* ``forward``: a plain no-grad forward with the loss;
+* ``probe, copies only``: the same forward under `ZOEstimator.perturbed` with a sampler that copies p
+  instead of drawing z: the cost of the hooks and of writing the perturbed copies;
+* ``probe``: one real probe forward (draws z and writes p + εz, Gaussian);
+* ``update``: `ZOEstimator.apply_update` for one query (redraws z over every parameter, in place);
+
+and each one's time over the forward's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench_zo_step import build
+from zo_trainer.zo import DirectionSampler, ZOEstimator
+
+
+class CopyOnlySampler(DirectionSampler):
+    """Writes ``p`` where the real sampler writes ``p + Σ scales·z``: the probe without its draws."""
+
+    def add_to(self, name, shape, step, scales, source, target):
+        if target is not source:
+            target.copy_(source)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="20m", choices=["small", "20m"])
+    parser.add_argument("--repeats", type=int, default=9)
+    cli = parser.parse_args()
+    model, x = build(cli.model)
+    loss_fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+    real = ZOEstimator(model, eps=1e-3, seed=0)
+    copies_only = ZOEstimator(model, eps=1e-3, seed=0)
+    copies_only.sampler = CopyOnlySampler()
+    trainable = real.trainable()
+    update_args = (torch.tensor([1e-3], dtype=torch.float64), [(p, 1e-6, 0.0) for _, p in trainable])
+    steps = iter(range(10**9))
+
+    @torch.no_grad()
+    def forward(estimator=None):
+        if estimator is None:
+            return loss_fn()
+        with estimator.perturbed(trainable, next(steps), 0, 1e-3):
+            return loss_fn()
+
+    kinds = {
+        "forward": forward,
+        "probe, copies only": lambda: forward(copies_only),
+        "probe": lambda: forward(real),
+        "update": lambda: real.apply_update(next(steps), *update_args),
+    }
+    times = {kind: [] for kind in kinds}
+    for fn in kinds.values():
+        fn()
+    for _ in range(cli.repeats):
+        for kind, fn in kinds.items():
+            start = time.perf_counter()
+            fn()
+            times[kind].append(time.perf_counter() - start)
+    print(f"# {cli.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, {cli.repeats} repeats; seconds")
+    print(f"{'':<22}{'median':>9}{'/ fwd':>8}{'min':>9}{'/ fwd':>8}")
+    medians = {kind: statistics.median(t) for kind, t in times.items()}
+    minima = {kind: min(t) for kind, t in times.items()}
+    for kind in kinds:
+        print(f"{kind:<22}{medians[kind]:>9.4f}{medians[kind] / medians['forward']:>8.3f}"
+              f"{minima[kind]:>9.4f}{minima[kind] / minima['forward']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
