@@ -53,7 +53,7 @@ def main() -> None:
     def forward(estimator=None):
         if estimator is None:
             return loss_fn()
-        with estimator.perturbed(trainable, next(steps), 0, 1e-3):
+        with estimator.perturbed(trainable, next(steps), 0, +1.0):  # p + εz
             return loss_fn()
 
     kinds = {

@@ -114,7 +114,9 @@ def test_directions_do_not_need_the_c_kernel(monkeypatch):
     with_kernel, without = p.clone(), p.clone()
     sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, with_kernel)
     monkeypatch.setattr(philox, "KERNEL", None)
-    sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, without)
+    monkeypatch.setattr(philox, "_warned", False)
+    with pytest.warns(UserWarning, match="C kernel is unavailable"):
+        sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, without)
     assert torch.equal(with_kernel, without)
 
 

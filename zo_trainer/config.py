@@ -55,8 +55,8 @@ class ZOConfig(TrainingArguments):
     zo_distribution: str = field(
         default="gaussian",
         metadata={
-            "help": "Directions: 'gaussian', 'rademacher' (entries of mean 0, variance 1; ±1 entries, one random bit "
-            "each, are the cheapest to draw), or 'lowrank' (SubZero: z = sqrt(mn)/r · U S Vᵀ for each m×n "
+            "help": "Directions: 'gaussian', 'rademacher' (entries of mean 0, variance 1; ±1 entries are the cheapest to "
+            "draw), or 'lowrank' (SubZero: z = sqrt(mn)/r · U S Vᵀ for each m×n "
             "matrix, Gaussian for the other parameters).",
             "choices": list(DISTRIBUTIONS),
         },

@@ -5,13 +5,20 @@
  * width because only exact integer ops and IEEE float +, *, sqrt are used, each rounded on its own:
  * built with -ffp-contract=off, so no fused multiply-add changes a rounding.
  *
- * Built by setup.py with -fopenmp: the parallel loop then runs on torch's own OpenMP team (the same
- * libgomp.so.1 is already loaded), so it never competes with torch's spinning worker threads.
+ * Built by setup.py with -fopenmp. Where torch itself runs on libgomp.so.1 (the Linux x86-64 pip wheels)
+ * that library is already loaded, so the parallel loop runs on torch's own OpenMP team and never
+ * competes with torch's spinning worker threads; elsewhere a second OpenMP runtime serves it.
  * Called through ctypes (no Python headers needed).
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+
+#ifdef __FAST_MATH__
+#error "fast-math reorders float operations: the kernel would no longer match philox.py bit for bit"
+#endif
+
+#define ZO_PHILOX_ABI 1  /* bump with any change of the exported signatures; philox.py checks it */
 
 #define TILE_BLOCKS 64                 /* Philox blocks per Gaussian tile */
 #define TILE (4 * TILE_BLOCKS)         /* entries per tile: 256 (Rademacher: 2 blocks of 128 bits) */
@@ -196,6 +203,7 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
     float acc[TILE], z[TILE], w[TILE];
     int64_t offset = tile * TILE, size = n - offset < TILE ? n - offset : TILE;
     for (int64_t i = 0; i < size; i++) acc[i] = source[offset + i];
+    for (int64_t i = size; i < TILE; i++) acc[i] = 0.0f;  /* the last tile's tail is computed, never stored */
     for (int32_t k = 0; k < chain; k++) {
         draw_tile(seeds[k], first + offset, rademacher, w);
         if (k > 0 && alpha != 0.0f)  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
@@ -218,3 +226,5 @@ void zo_add_directions(const float *source, float *target, int64_t first, int64_
     for (int64_t tile = 0; tile < tiles; tile++)
         add_tile(source, target, first, n, tile, chain, seeds, scales, used, alpha, beta, rademacher);
 }
+
+int32_t zo_abi_version(void) { return ZO_PHILOX_ABI; }

@@ -5,7 +5,7 @@ name). That is what lets a ZO step run at inference memory (z is drawn again for
 of being kept), and it makes the run independent of parameter order, process count, thread count and
 resume point.
 
-On CPU, entry i of z_k is drawn by Philox4x32-10 from counter i and key
+On CPU, entry i of z_k comes from Philox4x32-10 block i // 4 (i // 128 for ±1 entries) under the key
 ``direction_seed(seed, step, k, name)`` (see `philox`): no generator state, so a C kernel draws and
 adds z tile by tile on every core, in cache, and nothing parameter-sized is ever allocated to hold z.
 Drawing z is the largest cost of a ZO step after the forwards. On an accelerator, chunks of
@@ -80,13 +80,16 @@ class DirectionSampler:
     ) -> None:
         """``target = source + Σ_k scales[k]·z_k`` over flat tensors of the parameter's size.
 
-        ``target`` may be ``source`` (an in-place update). The arithmetic is float32 with one rounding
-        to the target's dtype, so half-precision copies are exact functions of p and z.
+        ``target`` may be ``source`` (an in-place update). The arithmetic is float32 (float64 for float64
+        tensors) with one rounding to the target's dtype, so half-precision copies are exact functions of
+        p and z.
         """
         numel = math.prod(shape)
         for tensor in (source, target):
             if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
                 raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
+        if source.device != target.device:
+            raise ValueError(f"add_to needs source and target on one device, got {source.device} and {target.device}")
         queries = sorted(scales)
         if not queries:
             if target is not source:
@@ -157,12 +160,14 @@ def chunk_seed(seed: int, chunk: int) -> int:
 @torch.no_grad()
 def _accelerator_add_directions(source, target, seeds, scales, correlation, is_rademacher):
     """`philox.add_directions` on an accelerator: chunk c of z_k from the device generator seeded with
-    ``chunk_seed(seeds[k], c)``, one chunk-sized float32 buffer per link, in float32 like the CPU path."""
+    ``chunk_seed(seeds[k], c)``, one chunk-sized buffer per link; float32 arithmetic (float64 for
+    float64 tensors) like the CPU path."""
     beta = math.sqrt(1.0 - correlation**2)
     generator = torch.Generator(device=source.device)
+    wide = torch.float64 in (source.dtype, target.dtype)
     for start in range(0, source.numel(), ACCELERATOR_CHUNK_NUMEL):
         piece = slice(start, min(start + ACCELERATOR_CHUNK_NUMEL, source.numel()))
-        acc = source[piece].to(torch.float32, copy=True)
+        acc = source[piece].to(torch.float64 if wide else torch.float32, copy=True)
         z = None
         for seed, scale in zip(seeds, scales):
             generator.manual_seed(chunk_seed(seed, start // ACCELERATOR_CHUNK_NUMEL))

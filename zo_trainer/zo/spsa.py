@@ -12,7 +12,7 @@ copy is kept from the first user to the last, so they are drawn once per forward
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
 Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
-`DirectionSampler.add_to` draws it tile by tile on every core, fused with the add. Perturbed copies below glibc's mmap
+`DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add). Perturbed copies below glibc's mmap
 ceiling are pooled rather than allocated and freed per module and forward, which fragments the heap.
 """
 
@@ -260,7 +260,7 @@ def _huge_page_empty(like: torch.Tensor) -> torch.Tensor:
         mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         mapping.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError, ValueError):  # not Linux, or huge pages unavailable
-        return torch.empty(like.shape, dtype=like.dtype)
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     return torch.frombuffer(mapping, dtype=like.dtype).view(like.shape)
 
 
