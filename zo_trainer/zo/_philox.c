@@ -5,7 +5,7 @@
  * width because only exact integer ops and IEEE float +, *, sqrt are used, each rounded on its own:
  * built with -ffp-contract=off, so no fused multiply-add changes a rounding.
  *
- * Built by setup.py with -fopenmp. Where torch itself runs on libgomp.so.1 (the Linux x86-64 pip wheels)
+ * Built by pip install (pyproject.toml) with -fopenmp. Where torch runs on libgomp.so.1 (Linux pip wheels)
  * that library is already loaded, so the parallel loop runs on torch's own OpenMP team and never
  * competes with torch's spinning worker threads; elsewhere a second OpenMP runtime serves it.
  * Called through ctypes (no Python headers needed).

@@ -10,9 +10,10 @@ counter and a 64-bit key to 128 random bits. Direction entries are drawn from th
 * Rademacher: entry i is bit i % 32 of word (i // 32) % 4 of block i // 128, mapped to ±1.
 
 Because nothing depends on a generator's state, any slice of z can be drawn on its own: a C kernel
-(``_philox.c``, built by ``pip install``) draws and adds tile by tile on torch's OpenMP threads at
-about a third of the cost of ``torch.normal_``, and the torch code below (the fallback where the
-kernel was not built, and the tests' reference) gives the same numbers bit for bit.
+(``_philox.c``, built by ``pip install``) draws and adds tile by tile on every core, at about a third
+of the cost of ``torch.normal_`` alone (``benchmarks/bench_directions.py``), and the torch code below
+(the fallback where the kernel was not built, and the tests' reference) gives the same numbers bit for
+bit.
 """
 
 from __future__ import annotations
