@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -224,8 +226,11 @@ def add_directions(
 
 
 def _float32(x: float) -> float:
-    """x rounded to float32 (±inf beyond its range, as torch does)."""
-    return torch.tensor(x, dtype=torch.float64).float().item()
+    """x rounded to float32, ±inf beyond its range (as torch rounds; struct raises there on newer Pythons)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 _warned = False
