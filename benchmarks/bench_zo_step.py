@@ -8,7 +8,8 @@ Two random-init Llama models (no download): "small" (1.3M params, batch 8x128) a
 llama2-20m, 20.0M params, batch 8x256). For each it reports
 
 * time (median of --repeats after one warm-up; the kinds are interleaved round-robin within each
-  repeat so that load drifting on a shared machine hits every kind alike): forward only, ZO step
+  repeat so that load drifting on a shared machine hits every kind alike): two forwards back to back
+  (the unit of a q = 1 step; one forward is half of it), ZO step
   (zo_trainer.zo: probe + accumulate + step, central, Gaussian) for q=1 and q=4, with Rademacher
   and with SubZero low-rank directions (rank 4) for q=1, an inline MeZO
   reference step (the published 4-sweep algorithm) for q=1 and q=4, and an FO-SGD step;
@@ -18,6 +19,9 @@ llama2-20m, 20.0M params, batch 8x256). For each it reports
   on CPU twice: with glibc's default allocator, and with a fixed mmap threshold ("no-frag"), whose peak
   is that of the live tensors without heap fragmentation;
 * the ratios against the targets: ZO time / (2q forwards) <= 1.05 and ZO peak / inference peak <= 1.02.
+  Each time ratio is given twice: over the kinds' medians, and as the median over repeats of the ratio
+  within a repeat ("paired": a step against the forwards timed seconds before it, so load that drifts
+  between repeats cancels).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
 DEFAULT_REPEATS = {"small": 9, "20m": 7}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
 MEM_KINDS = ("inference", "zo", "fo_sgd")
+QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "mezo_q1": 1, "mezo_q4": 4}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -59,12 +64,13 @@ def build(name: str):
 
 # ------------------------------------------------------------------------------------------- steps
 def make_steps(model, x) -> dict:
-    """One callable per measured kind; each does exactly one step (or one forward)."""
+    """One callable per measured kind; each does exactly one step (or two forwards)."""
     loss_fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
     counter = iter(range(10**9))
 
-    def forward():
+    def forwards():
         with torch.no_grad():
+            loss_fn()
             loss_fn()
 
     def zo(q, distribution="gaussian"):
@@ -85,7 +91,7 @@ def make_steps(model, x) -> dict:
         sgd.zero_grad(set_to_none=True)
 
     return {
-        "forward": forward,
+        "2 forwards": forwards,
         "zo_q1": zo(1),
         "zo_q4": zo(4),
         "zo_q1_rademacher": zo(1, "rademacher"),
@@ -155,7 +161,7 @@ def rss_kib(field: str) -> int:
 def measure_memory(name: str, kind: str) -> dict:
     """Runs in a fresh process: peak memory of 2 steps of ``kind``, in KiB.
 
-    Inference runs 4 forwards, as many as 2 ZO steps with q=1: the heap's high-water mark creeps up with
+    Inference runs 2 x 2 forwards, as many as 2 ZO steps with q=1: the heap's high-water mark creeps up with
     the number of forwards (glibc fragmentation: 2 forwards of the 20m model peak ~90 MiB below 8), so
     equal forward counts keep the comparison about the step, not about the allocator's history.
 
@@ -167,7 +173,7 @@ def measure_memory(name: str, kind: str) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     model, x = build(name)
-    step = {"inference": "forward", "zo": "zo_q1", "fo_sgd": "fo_sgd"}[kind]
+    step = {"inference": "2 forwards", "zo": "zo_q1", "fo_sgd": "fo_sgd"}[kind]
     step = make_steps(model, x)[step]
     gc.collect()
     if DEVICE.type == "cuda":
@@ -176,7 +182,7 @@ def measure_memory(name: str, kind: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = rss_kib("VmRSS")
-    for _ in range(4 if kind == "inference" else 2):
+    for _ in range(2):
         step()
     if DEVICE.type == "cuda":
         sync()
@@ -206,16 +212,13 @@ def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
 # ----------------------------------------------------------------------------------------- results
 def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
     med = {kind: statistics.median(ts) for kind, ts in times.items()}
-    fwd = med["forward"]
-    ratios = {
-        "zo_q1_time / 2 fwd": med["zo_q1"] / (2 * fwd),
-        "zo_q4_time / 8 fwd": med["zo_q4"] / (8 * fwd),
-        "zo_q1_rademacher_time / 2 fwd": med["zo_q1_rademacher"] / (2 * fwd),
-        "zo_q1_lowrank_time / 2 fwd": med["zo_q1_lowrank"] / (2 * fwd),
-        "mezo_q1_time / 2 fwd": med["mezo_q1"] / (2 * fwd),
-        "mezo_q4_time / 8 fwd": med["mezo_q4"] / (8 * fwd),
-        "fo_sgd_time / fwd": med["fo_sgd"] / fwd,
-    }
+    forwards = {kind: 2 * q for kind, q in QUERIES.items()} | {"fo_sgd": 1}  # the forwards each kind is held to
+    ratios = {}
+    for kind, n in forwards.items():
+        ratios[f"{kind}_time / {n} fwd"] = med[kind] / (n * med["2 forwards"] / 2)
+    for kind, n in forwards.items():
+        paired = [t / (n * pair / 2) for t, pair in zip(times[kind], times["2 forwards"])]
+        ratios[f"{kind}_time / {n} fwd, paired"] = statistics.median(paired)
     for allocator, mem in memory.items():
         ratios[f"zo_peak / inf_peak ({allocator}, total)"] = mem["zo"]["peak"] / mem["inference"]["peak"]
         ratios[f"zo_peak / inf_peak ({allocator}, increment)"] = mem["zo"]["increment"] / mem["inference"]["increment"]

@@ -51,33 +51,39 @@ static void philox_portable(uint64_t seed, uint64_t first, int count, uint32_t x
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-/* The same blocks, 16 at a time in AVX-512 registers (count and first are multiples of 16): the
- * portable loop above makes gcc emulate full 64-bit products, this one multiplies 32x32 -> 64 directly. */
+/* The same blocks, 64 at a time in AVX-512 registers (count is a multiple of 64). Each 64-bit
+ * lane holds one block's word in its low half, so one unsigned 32x32 -> 64 multiply gives both halves
+ * of a product, and the upper halves are never read (the multiplies ignore them, the stores drop them).
+ * Eight independent groups of 8 blocks are interleaved to hide the multiplies' latency. */
+#define AVX512_GROUPS 8
 __attribute__((target("avx512f")))
 static void philox_avx512(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
-    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __mmask16 odd = 0xAAAA;
-    for (int g = 0; g < count; g += 16) {
-        uint64_t base = first + (uint64_t)g;  /* a multiple of 16: no carry into the high word inside a group */
-        __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), lanes);
-        __m512i x1 = _mm512_set1_epi32((int)(uint32_t)(base >> 32)), x2 = _mm512_setzero_si512(), x3 = x2;
+    const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+    const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int g = 0; g < count; g += 8 * AVX512_GROUPS) {
+        __m512i x0[AVX512_GROUPS], x1[AVX512_GROUPS], x2[AVX512_GROUPS], x3[AVX512_GROUPS];
+        for (int j = 0; j < AVX512_GROUPS; j++) {
+            __m512i counter = _mm512_add_epi64(_mm512_set1_epi64((long long)(first + (uint64_t)(g + 8 * j))), lanes);
+            x0[j] = counter; x1[j] = _mm512_srli_epi64(counter, 32); x2[j] = x3[j] = _mm512_setzero_si512();
+        }
         uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
         for (int round = 0; round < 10; round++) {
-            __m512i e0 = _mm512_mul_epu32(x0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
-            __m512i e1 = _mm512_mul_epu32(x2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
-            __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e0, 32), o0);
-            __m512i lo0 = _mm512_mask_blend_epi32(odd, e0, _mm512_slli_epi64(o0, 32));
-            __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e1, 32), o1);
-            __m512i lo1 = _mm512_mask_blend_epi32(odd, e1, _mm512_slli_epi64(o1, 32));
-            x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32((int)key0));
-            x1 = lo1;
-            x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32((int)key1));
-            x3 = lo0;
+            const __m512i k0 = _mm512_set1_epi64(key0), k1 = _mm512_set1_epi64(key1);
+            for (int j = 0; j < AVX512_GROUPS; j++) {
+                __m512i p0 = _mm512_mul_epu32(x0[j], m0), p1 = _mm512_mul_epu32(x2[j], m1);
+                __m512i y0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), x1[j], k0, 0x96);  /* a ^ b ^ c */
+                __m512i y2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), x3[j], k1, 0x96);
+                x1[j] = p1; x3[j] = p0; x0[j] = y0; x2[j] = y2;
+            }
             key0 += PHILOX_W0; key1 += PHILOX_W1;
         }
-        _mm512_storeu_si512(&x[0][g], x0); _mm512_storeu_si512(&x[1][g], x1);
-        _mm512_storeu_si512(&x[2][g], x2); _mm512_storeu_si512(&x[3][g], x3);
+        for (int j = 0; j < AVX512_GROUPS; j++) {
+            int l = g + 8 * j;
+            _mm256_storeu_si256((__m256i *)&x[0][l], _mm512_cvtepi64_epi32(x0[j]));
+            _mm256_storeu_si256((__m256i *)&x[1][l], _mm512_cvtepi64_epi32(x1[j]));
+            _mm256_storeu_si256((__m256i *)&x[2][l], _mm512_cvtepi64_epi32(x2[j]));
+            _mm256_storeu_si256((__m256i *)&x[3][l], _mm512_cvtepi64_epi32(x3[j]));
+        }
     }
 }
 /* The same blocks, 8 at a time in AVX2 registers (count and first are multiples of 8). */
@@ -110,7 +116,8 @@ static void philox_avx2(uint64_t seed, uint64_t first, int count, uint32_t x[4][
 #endif
 
 /* Philox blocks through one implementation (0 portable, 1 AVX2, 2 AVX-512) into out[4][64], for the
- * tests; count <= 64 and first are multiples of 16. Returns 0 where the CPU lacks the instructions. */
+ * tests: count <= 64 is a multiple of 8 (of 64 for AVX-512), and so is first for AVX2. Returns 0
+ * where the CPU lacks the instructions. */
 int32_t zo_philox_blocks(uint64_t seed, uint64_t first, int32_t count, int32_t isa, uint32_t *out) {
     uint32_t (*x)[TILE_BLOCKS] = (uint32_t (*)[TILE_BLOCKS])out;
     if (isa == 0) { philox_portable(seed, first, count, x); return 1; }
@@ -123,7 +130,7 @@ int32_t zo_philox_blocks(uint64_t seed, uint64_t first, int32_t count, int32_t i
 
 static inline void philox(uint64_t seed, uint64_t first, int count, uint32_t x[4][TILE_BLOCKS]) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (count % 16 == 0 && __builtin_cpu_supports("avx512f")) { philox_avx512(seed, first, count, x); return; }
+    if (count % 64 == 0 && __builtin_cpu_supports("avx512f")) { philox_avx512(seed, first, count, x); return; }
     if (count % 8 == 0 && __builtin_cpu_supports("avx2")) { philox_avx2(seed, first, count, x); return; }
 #endif
     philox_portable(seed, first, count, x);
