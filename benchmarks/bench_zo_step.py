@@ -13,7 +13,8 @@ llama2-20m, 20.0M params, batch 8x256). For each it reports
   (zo_trainer.zo: probe + accumulate + step, central, Gaussian) for q=1 and q=4, with Rademacher
   and with SubZero low-rank directions (rank 4) for q=1, an inline MeZO
   reference step (the published 4-sweep algorithm) for q=1 and q=4, and an FO-SGD step;
-* peak memory of inference / ZO step (q=1) / FO-SGD step, each in a fresh subprocess running 2 steps:
+* peak memory of inference (2 x 2 forwards) / ZO step (q=1) / FO-SGD step, each the median over 3 fresh
+  subprocesses running 2 steps:
   on CUDA ``max_memory_allocated``; on CPU peak RSS in total and as the increment over the RSS right
   after building model and batch, so the Python + torch + weights baseline does not hide a step's cost;
   on CPU twice: with glibc's default allocator, and with a fixed mmap threshold ("no-frag"), whose peak
@@ -193,6 +194,7 @@ def measure_memory(name: str, kind: str) -> dict:
     return {"peak": peak, "base": base, "increment": peak - base, "ru_maxrss": ru_maxrss}
 
 
+MEMORY_RUNS = 3
 ALLOCATORS = {  # name -> environment of the memory subprocess
     "glibc": {},
     # A fixed mmap threshold turns off glibc's dynamic one: every block >= 128 KiB is mapped and unmapped on
@@ -203,10 +205,12 @@ ALLOCATORS = {  # name -> environment of the memory subprocess
 
 
 def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
+    """Median over MEMORY_RUNS fresh processes (glibc's heap grows differently from one run to the next)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
     env = {**os.environ, **ALLOCATORS[allocator]}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
+            for _ in range(MEMORY_RUNS)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]} | {"runs": runs}
 
 
 # ----------------------------------------------------------------------------------------- results
