@@ -23,6 +23,7 @@ parser.add_argument("--parallel", default="data")
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
+parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
 parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (ZO must refuse it)")
 cli = parser.parse_args()
 
@@ -30,14 +31,18 @@ args = ZOConfig(
     output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.batch, learning_rate=1e-2,
     logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, seed=0, zo_num_queries=cli.queries,
     zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
-    dataloader_drop_last=True,
+    dataloader_drop_last=True, fp16=cli.mixed_precision == "fp16", bf16=cli.mixed_precision == "bf16",
     **({"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if cli.fsdp else {}),
 )
-trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset(n=64))
+model = tiny_llama()
+if cli.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate autocasts fp16 on GPUs only
+    model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)
+init = {n: p.detach().clone() for n, p in model.named_parameters()}
+trainer = ZOTrainer(model=model, args=args, train_dataset=random_token_dataset(n=64))
 trainer.train(resume_from_checkpoint=cli.resume)
 rank = trainer.accelerator.process_index
 state = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-torch.save({"params": state, "world": trainer.accelerator.num_processes, "log": trainer.state.log_history},
+torch.save({"params": state, "init": init, "world": trainer.accelerator.num_processes, "log": trainer.state.log_history},
            os.path.join(cli.out, f"rank{rank}.pt"))
 trainer.accelerator.wait_for_everyone()  # then destroy the process group: gloo can abort at exit otherwise
 trainer.accelerator.end_training()

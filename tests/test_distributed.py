@@ -1,5 +1,6 @@
 """Real 2-process runs (accelerate launch, gloo on CPU) against 1-process references."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def runs(tmp_path_factory):
         "one": launch(ONE_PROCESS, tmp / "one", "--batch", "8", "--queries", "4"),
         "data": launch(TWO_PROCESSES, tmp / "data", "--batch", "4", "--queries", "4", "--save_steps", "2"),
         "query": launch(TWO_PROCESSES, tmp / "query", "--batch", "4", "--queries", "4", "--parallel", "query"),
+        "fp16": launch(TWO_PROCESSES, tmp / "fp16", "--batch", "4", "--queries", "4", "--mixed_precision", "fp16"),
         "resumed": launch(ONE_PROCESS, tmp / "resumed", "--batch", "8", "--queries", "4",
                           "--resume", str(tmp / "data" / "checkpoint-2")),
     }
@@ -43,7 +45,7 @@ def max_difference(a, b):
     return max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
 
 
-@pytest.mark.parametrize("mode", ["data", "query"])
+@pytest.mark.parametrize("mode", ["data", "query", "fp16"])
 def test_replicas_stay_bitwise_identical(runs, mode):
     rank0, rank1 = runs[mode]
     assert rank0["world"] == rank1["world"] == 2
@@ -57,6 +59,17 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs, mode):
     assert max_difference(runs[mode][0], one) < ROUNDING
     moved = max((p - q).abs().max().item() for p, q in zip(one["params"].values(), runs["resumed"][0]["params"].values()))
     assert moved < ROUNDING  # also the reference for the resume below
+
+
+def test_fp16_mixed_precision_trains_data_parallel(runs):
+    """fp16 autocast, as accelerate sets it up on V100s: finite losses, an update that follows the float32 run's,
+    and different low bits (the probes really ran in half precision)."""
+    fp16, fp32, init = runs["fp16"][0], runs["data"][0], runs["one"][0]["init"]
+    losses = lambda run: [e["loss"] for e in run["log"] if "loss" in e]  # noqa: E731
+    assert all(math.isfinite(loss) for loss in losses(fp16))
+    assert losses(fp16) != losses(fp32) and losses(fp16) == pytest.approx(losses(fp32), rel=1e-2)
+    step = lambda run: torch.cat([(run["params"][n] - init[n]).flatten() for n in init])  # noqa: E731
+    assert torch.nn.functional.cosine_similarity(step(fp16), step(fp32), dim=0) > 0.9
 
 
 def test_query_parallel_splits_the_forwards(runs):
