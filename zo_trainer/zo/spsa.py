@@ -86,6 +86,7 @@ class ZOEstimator:
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._pool = _BufferPool()
+        self._owners_key: tuple | None = None
 
     # ----------------------------------------------------------------------------------------- probe
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -160,6 +161,20 @@ class ZOEstimator:
                 p.grad = torch.zeros_like(p)
             self._add_directions(p, step, {k: c for k, c in enumerate(coefficients) if c}, p.grad)
 
+    def _owners(self, trainable) -> tuple[dict, dict]:
+        """The modules that own trainable parameters (module -> [(local name, p)]) and how many modules use each
+        parameter (tied weights); walked once per set of trainable parameters, not once per forward."""
+        key = tuple(id(p) for _, p in trainable)
+        if self._owners_key != key:
+            owned, users, ids = defaultdict(list), defaultdict(int), set(key)
+            for module in self.model.modules():
+                for local_name, p in module.named_parameters(recurse=False):
+                    if id(p) in ids:
+                        owned[module].append((local_name, p))
+                        users[id(p)] += 1
+            self._owners_key, self._owners_value = key, (dict(owned), dict(users))
+        return self._owners_value
+
     def name_of(self, p: nn.Parameter) -> str:
         return self._names[id(p)]
 
@@ -175,16 +190,7 @@ class _Perturbation:
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
         self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
-        self.owned: dict[nn.Module, list[tuple[str, nn.Parameter]]] = defaultdict(list)
-        trainable_ids = {id(p) for _, p in trainable}
-        for module in estimator.model.modules():
-            for local_name, p in module.named_parameters(recurse=False):
-                if id(p) in trainable_ids:
-                    self.owned[module].append((local_name, p))
-        self.users = defaultdict(int)  # modules sharing a parameter (tied weights)
-        for params in self.owned.values():
-            for _, p in params:
-                self.users[id(p)] += 1
+        self.owned, self.users = estimator._owners(trainable)
 
     def __enter__(self):
         self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
