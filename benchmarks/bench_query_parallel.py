@@ -9,6 +9,11 @@ process evaluates q/P directions on the whole global batch and exchanges 2 losse
 the ideal speed-up is P. Time per step is the median over the run's steps after the first few
 (start-up, tokenizer and data are not counted); both runs must end with the same weights. The two
 launches alternate over --rounds rounds and the median of the per-round speed-ups is reported.
+
+Each round also measures what the machine allows: P independent processes (no trainer, no
+communication) each running 2q/P plain forwards of the same model and batch per step, against one
+process running 2q; the slowest process sets the P-process step, as in a synchronised run. The ratio
+of the two speed-ups is the share of the machine's own parallel speed-up that query-parallel ZO keeps.
 """
 
 from __future__ import annotations
@@ -71,6 +76,38 @@ def worker(cli) -> None:
     trainer.accelerator.end_training()
 
 
+def forwards_worker(cli) -> None:
+    """One process of the ceiling measurement: --forwards plain forwards per step, median step time to --out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zo_trainer.modeling import PRESETS
+
+    config = PRESETS[cli.model]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).train()
+    x = torch.randint(config["vocab_size"], (cli.global_batch, cli.seq), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for _ in range(cli.steps):
+            start = time.perf_counter()
+            for _ in range(cli.forwards):
+                model(input_ids=x, labels=x)
+            times.append(time.perf_counter() - start)
+    Path(cli.out).write_text(json.dumps({"step_s": statistics.median(times[WARMUP_STEPS:])}))
+
+
+def ceiling(processes: int, cli, out: Path) -> float:
+    """Step time of `processes` concurrent forward-only processes sharing the 2q forwards (the slowest counts)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--forwards", str(2 * cli.queries // processes), "--model", cli.model,
+           "--steps", str(cli.steps), "--global_batch", str(cli.global_batch), "--seq", str(cli.seq)]
+    workers = [subprocess.Popen([*cmd, "--out", str(out / f"ceiling{processes}_{r}.json")], env=env, cwd=ROOT)
+               for r in range(processes)]
+    if any(w.wait() for w in workers):
+        sys.exit(f"a forward-only process of the {processes}-process ceiling failed")
+    return max(json.loads((out / f"ceiling{processes}_{r}.json").read_text())["step_s"] for r in range(processes))
+
+
 def launch(processes: int, cli, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if processes > 1 and not torch.cuda.is_available():
@@ -95,23 +132,31 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="pairs of launches (1 process, then P); the median counts")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--forwards", type=int, help=argparse.SUPPRESS)  # a process of the ceiling measurement
     parser.add_argument("--out", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker:
         return worker(cli)
-    rounds = []  # 1 process and P processes back to back, so drifting machine load hits both alike
+    if cli.forwards:
+        return forwards_worker(cli)
+    rounds, ceilings = [], []  # 1 process and P processes back to back, so drifting machine load hits both alike
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(cli.rounds):
             rounds.append((launch(1, cli, Path(tmp, f"one{r}")), launch(cli.processes, cli, Path(tmp, f"many{r}"))))
+            ceilings.append((ceiling(1, cli, Path(tmp)), ceiling(cli.processes, cli, Path(tmp))))
     print(f"# {' '.join(sys.argv)}  (model {cli.model}, q={cli.queries}, global batch {cli.global_batch}x{cli.seq}, "
           f"{cli.steps} steps, median step time after {WARMUP_STEPS}, one thread per process, nproc={os.cpu_count()})")
+    speedups = [one["step_s"] / many["step_s"] for one, many in rounds]
+    plain = [one / many for one, many in ceilings]
     for r, (one, many) in enumerate(rounds):
         same = abs(one["weights_sum"] - many["weights_sum"]) <= 1e-6 * one["weights_abs_sum"]
         print(f"round {r}: 1 process {one['step_s']:.4f} s/step, {cli.processes} processes {many['step_s']:.4f} s/step, "
-              f"speed-up {one['step_s'] / many['step_s']:.2f}x, same weights: {same}")
-    speedups = [one["step_s"] / many["step_s"] for one, many in rounds]
+              f"speed-up {speedups[r]:.2f}x, same weights: {same}; plain forwards {ceilings[r][0]:.4f} / "
+              f"{ceilings[r][1]:.4f} s/step, {plain[r]:.2f}x")
     print(f"median speed-up: {statistics.median(speedups):.2f}x over {cli.rounds} rounds "
           f"(ideal {cli.processes}x; target >= {0.9 * cli.processes:.1f}x)")
+    print(f"median speed-up of {cli.processes} independent processes of plain forwards: {statistics.median(plain):.2f}x; "
+          f"query-parallel ZO keeps {statistics.median(s / c for s, c in zip(speedups, plain)):.0%} of it (median per round)")
 
 if __name__ == "__main__":
     main()
