@@ -3,6 +3,7 @@
     python benchmarks/bench_zo_step.py                      # small + 20m, ~10 min on 2 cores
     python benchmarks/bench_zo_step.py --quick              # small only, 2 repeats (< 1 min)
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
+    python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,mezo_q1 --repeats 31   # the target, tighter
 
 Two random-init Llama models (no download): "small" (1.3M params, batch 8x128) and "20m" (the paper's
 llama2-20m, 20.0M params, batch 8x256). For each it reports
@@ -51,6 +52,7 @@ DEFAULT_REPEATS = {"small": 9, "20m": 7}  # 20m: ~30 s a repeat on 2 CPU cores; 
 EPS, LR = 1e-3, 1e-4
 MEM_KINDS = ("inference", "zo", "fo_sgd")
 QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "mezo_q1": 1, "mezo_q4": 4}
+TIMED_KINDS = (*QUERIES, "fo_sgd")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -136,10 +138,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_steps(name: str, repeats: int) -> tuple[int, dict[str, list[float]]]:
+def time_steps(name: str, repeats: int, kinds: list[str]) -> tuple[int, dict[str, list[float]]]:
     model, x = build(name)
     params = sum(p.numel() for p in model.parameters())
-    steps = make_steps(model, x)
+    steps = {kind: step for kind, step in make_steps(model, x).items() if kind in ["2 forwards", *kinds]}
     for step in steps.values():  # warm-up: allocator, kernels, lazy init
         step()
     times = {kind: [] for kind in steps}
@@ -217,6 +219,7 @@ def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
 def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
     med = {kind: statistics.median(ts) for kind, ts in times.items()}
     forwards = {kind: 2 * q for kind, q in QUERIES.items()} | {"fo_sgd": 1}  # the forwards each kind is held to
+    forwards = {kind: n for kind, n in forwards.items() if kind in times}
     ratios = {}
     for kind, n in forwards.items():
         ratios[f"{kind}_time / {n} fwd"] = med[kind] / (n * med["2 forwards"] / 2)
@@ -261,6 +264,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="small,20m", help=f"comma-separated subset of {list(MODELS)}")
     parser.add_argument("--repeats", type=int, help=f"timed repeats per kind (default {DEFAULT_REPEATS})")
+    parser.add_argument("--kinds", default=",".join(TIMED_KINDS),
+                        help="comma-separated steps to time against 2 forwards (fewer kinds, more repeats: tighter medians)")
     parser.add_argument("--quick", action="store_true", help="small model only, 2 repeats: a smoke check")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)  # (model, kind): child process
@@ -272,12 +277,15 @@ def main():
     unknown = set(names) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
+    kinds = args.kinds.split(",")
+    if set(kinds) - set(TIMED_KINDS):
+        parser.error(f"unknown kinds {sorted(set(kinds) - set(TIMED_KINDS))}; choose from {list(TIMED_KINDS)}")
     # memory first: a child's ru_maxrss starts at this process's peak, so keep that small
     memory = {n: {a: {kind: memory_in_subprocess(n, kind, a) for kind in MEM_KINDS} for a in ALLOCATORS} for n in names}
     results = {}
     for n in names:
         repeats = 2 if args.quick else args.repeats or DEFAULT_REPEATS[n]
-        results[n] = summarize(n, *time_steps(n, repeats), memory[n])
+        results[n] = summarize(n, *time_steps(n, repeats, kinds), memory[n])
     env = {"device": str(DEVICE), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"# {' '.join(sys.argv)}  ({env})")
