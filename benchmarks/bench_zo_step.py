@@ -1,6 +1,6 @@
 """How close is a ZO step to its physical limit: 2q forward passes, at inference memory?
 
-    python benchmarks/bench_zo_step.py                      # small + 20m, ~10 min on 2 cores
+    python benchmarks/bench_zo_step.py                      # small + 20m, ~12 min on 2 cores
     python benchmarks/bench_zo_step.py --quick              # small only, 2 repeats (< 1 min)
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,mezo_q1 --repeats 31   # the target, tighter
