@@ -278,18 +278,18 @@ def test_probes_restore_weights_exactly(dtype, distribution):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_large_perturbed_copies_get_their_own_mapping_and_hold_the_same_numbers():
+def test_large_perturbed_copies_are_not_pooled_and_hold_the_same_numbers():
     from zo_trainer.zo.spsa import _BufferPool
 
     pool = _BufferPool()
     numel = pool.KEEP_BELOW_BYTES // 4 + 1000  # just over the ceiling in float32
     p = torch.randn(numel, generator=torch.Generator().manual_seed(0))
-    mapped = pool.take(p)
-    assert (mapped.shape, mapped.dtype, mapped.is_contiguous()) == (p.shape, p.dtype, True)
+    copy = pool.take(p)
+    assert (copy.shape, copy.dtype, copy.is_contiguous()) == (p.shape, p.dtype, True)
     sampler = DirectionSampler("gaussian", seed=0)
-    sampler.add_to("w", p.shape, 0, {0: 1e-3}, p, mapped)
-    assert torch.equal(mapped, p + naive_z(0, 0, 0, "w", numel) * 1e-3)
-    pool.release(mapped)
+    sampler.add_to("w", p.shape, 0, {0: 1e-3}, p, copy)
+    assert torch.equal(copy, p + naive_z(0, 0, 0, "w", numel) * 1e-3)
+    pool.release(copy)
     assert not any(pool.free.values())  # never pooled: it would add its size to the peak
 
 

@@ -19,7 +19,6 @@ ceiling are pooled rather than allocated and freed per module and forward, which
 from __future__ import annotations
 
 import math
-import mmap
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -234,10 +233,11 @@ class _Perturbation:
 class _BufferPool:
     """Reuses perturbed-copy buffers by (shape, dtype, device) across modules and forwards.
 
-    Only buffers under glibc's mmap ceiling (32 MiB) are kept: larger ones are mmapped and unmapped
-    on free without fragmenting the heap, and keeping them would add their size to the peak. On CPU
-    those get their own mapping with transparent huge pages: a fresh 41 MB copy (a 32000×320 tied
-    embedding) then faults 20 pages in, not 10,000, and leaves glibc's heap unfragmented.
+    Only buffers under glibc's mmap ceiling (32 MiB) are kept: larger ones (a 32000×320 tied embedding
+    is 41 MB) are mapped and unmapped by the allocator on their own, without fragmenting the heap, and
+    keeping them would add their size to the peak. They get ordinary pages: transparent huge pages
+    made such a fresh copy take several times longer whenever the kernel had to compact memory to
+    find them, which it did at most probes once the logits had churned through memory.
     """
 
     KEEP_BELOW_BYTES = 32 * 2**20
@@ -247,27 +247,11 @@ class _BufferPool:
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         free = self.free[(like.shape, like.dtype, like.device)]
-        if free:
-            return free.pop()
-        if like.device.type == "cpu" and like.numel() * like.element_size() >= self.KEEP_BELOW_BYTES:
-            return _huge_page_empty(like)
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return free.pop() if free else torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
     def release(self, buffer: torch.Tensor) -> None:
         if buffer.numel() * buffer.element_size() < self.KEEP_BELOW_BYTES:
             self.free[(buffer.shape, buffer.dtype, buffer.device)].append(buffer)
-
-
-def _huge_page_empty(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised CPU tensor like ``like`` in a private anonymous mapping advised to use huge
-    pages; the mapping is unmapped when the tensor is freed. Plain ``torch.empty`` where unsupported."""
-    nbytes = like.numel() * like.element_size()
-    try:
-        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError, ValueError):  # not Linux, or huge pages unavailable
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return torch.frombuffer(mapping, dtype=like.dtype).view(like.shape)
 
 
 class _RngState:
