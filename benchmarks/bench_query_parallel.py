@@ -17,8 +17,9 @@ of the two speed-ups is the share of the machine's own parallel speed-up that qu
 
 Every process runs with glibc's mmap threshold fixed at 32 MiB and heap trimming off (MALLOC_ENV). With
 the default dynamic threshold a process either keeps freed activations in its heap or hands them back and
-page-faults them in again at every forward, depending on its allocation history: identical one-process
-launches took 0.54, 0.42 and 0.55 s per step (0.44, 0.41, 0.42 s with the fixed threshold).
+page-faults them in again at every forward, depending on its allocation history: one-process launches
+took 0.42-0.54 s per step with the default thresholds and 0.38-0.44 s with the fixed ones
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
