@@ -31,6 +31,12 @@ def tiny_llama(vocab_size=256, hidden=64, layers=2, seed=0, dtype=torch.float32,
     return LlamaForCausalLM(config).to(dtype)
 
 
+def fp16_autocast_as_on_gpus(model):
+    """What accelerate does to the model with fp16 on a GPU (autocast to float16); on CPU it ignores fp16."""
+    model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)
+    return model
+
+
 def random_token_dataset(n=64, length=32, vocab_size=256, seed=0):
     from datasets import Dataset
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import random_token_dataset, tiny_llama  # noqa: E402
+from conftest import fp16_autocast_as_on_gpus, random_token_dataset, tiny_llama  # noqa: E402
 
 from zo_trainer import ZOConfig, ZOTrainer  # noqa: E402
 
@@ -36,7 +36,7 @@ args = ZOConfig(
 )
 model = tiny_llama()
 if cli.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate autocasts fp16 on GPUs only
-    model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)
+    fp16_autocast_as_on_gpus(model)
 init = {n: p.detach().clone() for n, p in model.named_parameters()}
 trainer = ZOTrainer(model=model, args=args, train_dataset=random_token_dataset(n=64))
 trainer.train(resume_from_checkpoint=cli.resume)

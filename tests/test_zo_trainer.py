@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from zo_trainer import ZOConfig, ZOTrainer
 from zo_trainer.zo import ZOSGD, ZOEstimator
 
-from conftest import random_token_dataset, tiny_llama
+from conftest import fp16_autocast_as_on_gpus, random_token_dataset, tiny_llama
 
 
 # Two float32 computations of the same step differ by ~1e-8 in the weights; the next probes divide the loss
@@ -104,12 +104,6 @@ def test_zero_learning_rate_restores_weights_bitwise(tmp_path, dtype):
     before = params(model)
     train(config(tmp_path, learning_rate=0.0, zo_num_queries=2, max_steps=3), model=model)
     assert_same(params(model), before)
-
-
-def fp16_autocast_as_on_gpus(model):
-    """What accelerate does to the model with fp16 on a GPU (autocast to float16); on CPU it ignores fp16."""
-    model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)
-    return model
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -219,7 +213,7 @@ def test_bad_config_values_are_named(tmp_path, overrides, match):
 def train_with_grad_scaler(args, scaler, model=None):
     """On GPUs, fp16 makes accelerate create a GradScaler, which fails or rescales a step without backward. CPU
     autocast has none, so install a real one where accelerate keeps it."""
-    trainer = ZOTrainer(model=model or tiny_llama(), args=args, train_dataset=random_token_dataset())
+    trainer = ZOTrainer(model=model if model is not None else tiny_llama(), args=args, train_dataset=random_token_dataset())
     trainer.accelerator.scaler = scaler
     trainer.train()
     return trainer

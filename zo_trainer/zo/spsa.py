@@ -12,8 +12,9 @@ copy is kept from the first user to the last, so they are drawn once per forward
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
 Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
-`DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add). Perturbed copies below glibc's mmap
-ceiling are pooled rather than allocated and freed per module and forward, which fragments the heap.
+`DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add). Perturbed
+copies below glibc's mmap ceiling are pooled rather than allocated and freed per module and forward,
+which fragments the heap.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class ZOEstimator:
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._pool = _BufferPool()
-        self._owners_key: tuple | None = None
+        self._owners_key: tuple | None = None  # ids of the trainable parameters _owners_value was built for
+        self._owners_value: tuple[dict, dict] = ({}, {})
 
     # ----------------------------------------------------------------------------------------- probe
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
