@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from zo_trainer.zo import DirectionSampler, philox
+from zo_trainer.zo import Addition, DirectionSampler, philox
 
 BUFFER_NUMEL = 1 << 16
 
@@ -54,7 +54,7 @@ def main() -> None:
             buffer.normal_(generator=generator)
 
     def add_to(sampler, numel=cli.numel):
-        sampler.add_to("w", (numel,), next(steps), {0: 1e-3}, source[:numel], target[:numel])
+        sampler.add_to(next(steps), [Addition("w", (numel,), {0: 1e-3}, source[:numel], target[:numel])])
 
     def torch_code():
         kernel, philox.KERNEL = philox.KERNEL, None

@@ -30,9 +30,10 @@ from zo_trainer.zo import DirectionSampler, ZOEstimator
 class CopyOnlySampler(DirectionSampler):
     """Writes ``p`` where the real sampler writes ``p + Σ scales·z``: the probe without its draws."""
 
-    def add_to(self, name, shape, step, scales, source, target):
-        if target is not source:
-            target.copy_(source)
+    def add_to(self, step, additions):
+        for a in additions:
+            if a.target is not a.source:
+                a.target.copy_(a.source)
 
 
 def main() -> None:

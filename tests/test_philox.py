@@ -105,7 +105,7 @@ def both_paths(source, target_dtype, seeds, scales, correlation, is_rademacher, 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the torch code's one-time notice
-                philox.add_directions(source, target, seeds, scales, correlation, is_rademacher)
+                philox.add_directions([source], [target], [seeds], [scales], correlation, is_rademacher)
         finally:
             philox.KERNEL = old
             torch.set_num_threads(before)
@@ -139,9 +139,38 @@ def test_kernel_equals_torch_code_in_half_precision(dtype):
 def test_in_place_update_equals_out_of_place():
     source = torch.randn(70_001, generator=torch.Generator().manual_seed(1))
     out = torch.empty_like(source)
-    philox.add_directions(source, out, [8], [0.25])
-    philox.add_directions(source, source, [8], [0.25])
+    philox.add_directions([source], [out], [[8]], [[0.25]])
+    philox.add_directions([source], [source], [[8]], [[0.25]])
     assert torch.equal(source, out)
+
+
+@pytest.mark.parametrize("kernel", [philox.KERNEL, None], ids=["kernel", "torch code"])
+def test_one_call_over_many_tensors_equals_one_call_each(kernel, monkeypatch):
+    """The kernel draws a list of tensors in one parallel region; each must come out as if drawn alone,
+    with its own seeds and scales, whatever its dtype and size (sizes straddle the tile and the thread split)."""
+    if kernel is None:
+        monkeypatch.setattr(philox, "_warned", True)
+    elif philox.KERNEL is None:
+        pytest.skip("the C kernel was not built (no C compiler at install)")
+    monkeypatch.setattr(philox, "KERNEL", kernel)
+    g = torch.Generator().manual_seed(2)
+    sizes_and_dtypes = [(5000, torch.float32), (1, torch.float32), (300, torch.bfloat16), (70_001, torch.float32),
+                        (256, torch.float32), (999, torch.float64), (4095, torch.float32)]  # fmt: skip
+    sources = [torch.randn(n, generator=g).to(dtype) for n, dtype in sizes_and_dtypes]
+    seeds = [[11 + t, 2**63 + t, 7 * t] for t in range(len(sources))]
+    scales = [[0.5 / (t + 1), None, -1e-3 * t] for t in range(len(sources))]
+    together = [torch.empty_like(s) for s in sources]
+    philox.add_directions(sources, together, seeds, scales, -0.25)
+    for t, source in enumerate(sources):
+        alone = torch.empty_like(source)
+        philox.add_directions([source], [alone], [seeds[t]], [scales[t]], -0.25)
+        assert torch.equal(together[t], alone), f"tensor {t} of {sizes_and_dtypes[t]}"
+
+
+def test_rows_must_agree_on_the_links_they_add():
+    one = torch.zeros(10)
+    with pytest.raises(ValueError, match="None at the same links"):
+        philox.add_directions([one, one.clone()], [one, one.clone()], [[1, 2], [3, 4]], [[0.1, None], [0.1, 0.2]])
 
 
 def test_coefficients_beyond_float32_range_become_infinite_not_an_error():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from zo_trainer.zo import ZOSGD, DirectionSampler, ZOEstimator, direction_seed
+from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, direction_seed
 from zo_trainer.zo import directions, philox
 
 from conftest import tiny_llama
@@ -93,7 +93,7 @@ def test_directions_equal_the_recipe_on_any_thread_count(distribution, threads):
     torch.set_num_threads(threads)
     try:
         direction = sampler.direction("w", (NUMEL,), 4, 1)
-        sampler.add_to("w", (NUMEL,), 4, {1: 0.5}, source, target)
+        sampler.add_to(4, [Addition("w", (NUMEL,), {1: 0.5}, source, target)])
     finally:
         torch.set_num_threads(before)
     assert torch.equal(direction, expected)
@@ -112,11 +112,11 @@ def test_directions_do_not_need_the_c_kernel(monkeypatch):
     sampler = DirectionSampler("gaussian", correlation=0.5, seed=4)
     p = torch.randn(NUMEL)
     with_kernel, without = p.clone(), p.clone()
-    sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, with_kernel)
+    sampler.add_to(1, [Addition("w", (NUMEL,), {0: 0.1, 2: -0.2}, p, with_kernel)])
     monkeypatch.setattr(philox, "KERNEL", None)
     monkeypatch.setattr(philox, "_warned", False)
     with pytest.warns(UserWarning, match="C kernel is unavailable"):
-        sampler.add_to("w", (NUMEL,), 1, {0: 0.1, 2: -0.2}, p, without)
+        sampler.add_to(1, [Addition("w", (NUMEL,), {0: 0.1, 2: -0.2}, p, without)])
     assert torch.equal(with_kernel, without)
 
 
@@ -142,7 +142,7 @@ def test_accelerator_chunks_follow_their_recipe(distribution, monkeypatch):
 def test_half_precision_copies_round_once_from_float32(dtype):
     p = torch.randn(NUMEL, generator=torch.Generator().manual_seed(3)).to(dtype)
     copy = torch.empty_like(p)
-    DirectionSampler("gaussian", seed=0).add_to("w", (NUMEL,), 0, {0: 1e-2}, p, copy)
+    DirectionSampler("gaussian", seed=0).add_to(0, [Addition("w", (NUMEL,), {0: 1e-2}, p, copy)])
     assert torch.equal(copy, (p.float() + naive_z(0, 0, 0, "w", NUMEL) * 1e-2).to(dtype))
 
 
@@ -156,7 +156,7 @@ def test_lowrank_directions_ignore_autocast():
 
 def test_add_to_refuses_tensors_that_are_not_flat():
     with pytest.raises(ValueError, match="flat contiguous tensors of 12 entries"):
-        DirectionSampler().add_to("w", (3, 4), 0, {0: 1.0}, torch.zeros(3, 4), torch.zeros(3, 4))
+        DirectionSampler().add_to(0, [Addition("w", (3, 4), {0: 1.0}, torch.zeros(3, 4), torch.zeros(3, 4))])
 
 
 def test_rademacher_signs_are_balanced_and_independent():
@@ -185,7 +185,7 @@ def test_several_queries_add_up_in_one_call():
     z = [sampler.direction("w", (numel,), 2, k) for k in range(3)]
     p = torch.randn(numel)
     expected = p + 0.5 * z[0] - 2.0 * z[2]
-    sampler.add_to("w", (numel,), 2, {0: 0.5, 2: -2.0}, p, p)  # in place
+    sampler.add_to(2, [Addition("w", (numel,), {0: 0.5, 2: -2.0}, p, p)])  # in place
     torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
 
 
@@ -262,6 +262,60 @@ def test_probe_and_update_match_naive_spsa_on_tied_llama():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
+def test_copies_drawn_in_groups_equal_copies_drawn_module_by_module(monkeypatch):
+    """Grouped draws (registration order at the first probe, the recorded forward order after it, where
+    each layer's norm runs before its projections) give the same probe losses, bit for bit."""
+    from zo_trainer.zo.spsa import _Perturbation
+
+    model = tiny_llama(layers=3)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    grouped = [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses for step in range(3)]
+    monkeypatch.setattr(_Perturbation, "GROUP_BYTES", 0)  # one module per draw
+    alone = [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses for step in range(3)]
+    for a, b in zip(grouped, alone):
+        assert torch.equal(a, b)
+
+
+def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
+    """Inference memory: besides the tied embedding's copy, the running module's copies and at most
+    GROUP_BYTES drawn ahead, also at the first probe, which guesses the order from the registration
+    order (in which each layer's norms come after its MLP)."""
+    from zo_trainer.zo.spsa import _Perturbation
+
+    model = tiny_llama(hidden=64, layers=4)  # per layer: 4 x 16 KiB attention, 3 x 32 KiB MLP matrices
+    monkeypatch.setattr(_Perturbation, "GROUP_BYTES", 100 * 1024)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    estimator = ZOEstimator(model, eps=1e-3, seed=0)
+    live, peak, calls = [0], [0], [0]
+    take, release, add_to = estimator._pool.take, estimator._pool.release, estimator.sampler.add_to
+
+    def counting_take(p):
+        live[0] += p.numel() * p.element_size()
+        peak[0] = max(peak[0], live[0])
+        return take(p)
+
+    def counting_release(buffer):
+        live[0] -= buffer.numel() * buffer.element_size()
+        release(buffer)
+
+    def counting_add_to(step, additions):
+        calls[0] += 1
+        add_to(step, additions)
+
+    monkeypatch.setattr(estimator._pool, "take", counting_take)
+    monkeypatch.setattr(estimator._pool, "release", counting_release)
+    monkeypatch.setattr(estimator.sampler, "add_to", counting_add_to)
+    for step in range(3):
+        peak[0] = calls[0] = 0
+        estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
+        assert live[0] == 0  # every copy given back
+        embedding = model.model.embed_tokens.weight
+        assert peak[0] <= embedding.numel() * 4 + 100 * 1024 + 128 * 64 * 4  # + the largest module (MLP)
+    owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+    assert calls[0] < owners, "the copies were drawn one module at a time"
+
+
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_probes_restore_weights_exactly(dtype, distribution):
@@ -287,7 +341,7 @@ def test_large_perturbed_copies_are_not_pooled_and_hold_the_same_numbers():
     copy = pool.take(p)
     assert (copy.shape, copy.dtype, copy.is_contiguous()) == (p.shape, p.dtype, True)
     sampler = DirectionSampler("gaussian", seed=0)
-    sampler.add_to("w", p.shape, 0, {0: 1e-3}, p, copy)
+    sampler.add_to(0, [Addition("w", p.shape, {0: 1e-3}, p, copy)])
     assert torch.equal(copy, p + naive_z(0, 0, 0, "w", numel) * 1e-3)
     pool.release(copy)
     assert not any(pool.free.values())  # never pooled: it would add its size to the peak

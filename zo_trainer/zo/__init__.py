@@ -8,8 +8,8 @@
         optimizer.step()
 """
 
-from .directions import DISTRIBUTIONS, DirectionSampler, direction_seed
+from .directions import DISTRIBUTIONS, Addition, DirectionSampler, direction_seed
 from .optim import ZOSGD
 from .spsa import ESTIMATORS, REDUCTIONS, Probe, ZOEstimator
 
-__all__ = ["DISTRIBUTIONS", "ESTIMATORS", "REDUCTIONS", "DirectionSampler", "Probe", "ZOEstimator", "ZOSGD", "direction_seed"]
+__all__ = ["DISTRIBUTIONS", "Addition", "ESTIMATORS", "REDUCTIONS", "DirectionSampler", "Probe", "ZOEstimator", "ZOSGD", "direction_seed"]

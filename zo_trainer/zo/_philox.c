@@ -18,7 +18,7 @@
 #error "fast-math reorders float operations: the kernel would no longer match philox.py bit for bit"
 #endif
 
-#define ZO_PHILOX_ABI 1  /* bump with any change of the exported signatures; philox.py checks it */
+#define ZO_PHILOX_ABI 2  /* bump with any change of the exported signatures; philox.py checks it */
 
 #define TILE_BLOCKS 64                 /* Philox blocks per Gaussian tile */
 #define TILE (4 * TILE_BLOCKS)         /* entries per tile: 256 (Rademacher: 2 blocks of 128 bits) */
@@ -223,15 +223,24 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
     for (int64_t i = 0; i < size; i++) target[offset + i] = acc[i];
 }
 
-/* target[i] = source[i] + sum_{k < chain, used[k]} scales[k] * z_k[first + i] for i < n (float32).
- * z_k is drawn with seeds[k]; first is a multiple of 256; target may equal source. */
-void zo_add_directions(const float *source, float *target, int64_t first, int64_t n, int32_t chain,
-                       const uint64_t *seeds, const float *scales, const uint8_t *used,
-                       float alpha, float beta, int32_t rademacher, int32_t threads) {
-    int64_t tiles = (n + TILE - 1) / TILE;
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 4096)
-    for (int64_t tile = 0; tile < tiles; tile++)
-        add_tile(source, target, first, n, tile, chain, seeds, scales, used, alpha, beta, rademacher);
+/* For each tensor t < count: targets[t][i] = sources[t][i] + sum_{k < chain, used[k]} scales[t][k] * z_tk[firsts[t] + i]
+ * for i < sizes[t] (float32), z_tk drawn with seeds[t * chain + k] and scales[t][k] = scales[t * chain + k].
+ * firsts[t] is a multiple of 256; targets[t] may equal sources[t]. One parallel region for the whole
+ * list: the tiles of each tensor are shared among the threads, which go on to the next tensor without
+ * waiting, so many small tensors cost one fork and join, not one each. */
+void zo_add_directions(int32_t count, const float *const *sources, float *const *targets, const int64_t *firsts,
+                       const int64_t *sizes, int32_t chain, const uint64_t *seeds, const float *scales,
+                       const uint8_t *used, float alpha, float beta, int32_t rademacher, int32_t threads) {
+    int64_t total = 0;
+    for (int32_t t = 0; t < count; t++) total += sizes[t];
+    #pragma omp parallel num_threads(threads) if (threads > 1 && total >= 4096)
+    for (int32_t t = 0; t < count; t++) {
+        int64_t tiles = (sizes[t] + TILE - 1) / TILE;
+        #pragma omp for schedule(static) nowait
+        for (int64_t tile = 0; tile < tiles; tile++)
+            add_tile(sources[t], targets[t], firsts[t], sizes[t], tile, chain, seeds + (int64_t)t * chain,
+                     scales + (int64_t)t * chain, used, alpha, beta, rademacher);
+    }
 }
 
 int32_t zo_abi_version(void) { return ZO_PHILOX_ABI; }

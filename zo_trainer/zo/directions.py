@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import defaultdict
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -27,6 +29,16 @@ DISTRIBUTIONS = ("gaussian", "rademacher", "lowrank")
 """``gaussian`` and ``rademacher`` (±1) are element-wise with mean 0 and variance 1: E[z zᵀ] = I keeps
 SPSA unbiased. ``lowrank``: SubZero's random-subspace directions for matrices (Gaussian for the other
 parameters)."""
+
+
+class Addition(NamedTuple):
+    """One parameter's part of `DirectionSampler.add_to`: ``target = source + Σ_k scales[k]·z_k(name)``."""
+
+    name: str
+    shape: torch.Size
+    scales: dict[int, float]  # query k -> its scale; a correlated chain draws the links in between
+    source: torch.Tensor  # flat
+    target: torch.Tensor  # flat, may be source
 
 
 def direction_seed(base_seed: int, step: int, query: int, name: str) -> int:
@@ -69,49 +81,47 @@ class DirectionSampler:
         self._bases: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (period, U, V)
 
     @torch.no_grad()
-    def add_to(
-        self,
-        name: str,
-        shape: torch.Size,
-        step: int,
-        scales: dict[int, float],
-        source: torch.Tensor,
-        target: torch.Tensor,
-    ) -> None:
-        """``target = source + Σ_k scales[k]·z_k`` over flat tensors of the parameter's size.
+    def add_to(self, step: int, additions: Sequence[Addition]) -> None:
+        """For each addition, ``target = source + Σ_k scales[k]·z_k`` over flat tensors of its parameter's size.
 
         ``target`` may be ``source`` (an in-place update). The arithmetic is float32 (float64 for float64
         tensors) with one rounding to the target's dtype, so half-precision copies are exact functions of
-        p and z.
+        p and z. On CPU the element-wise directions of all the additions are drawn by one kernel call.
         """
-        numel = math.prod(shape)
-        for tensor in (source, target):
-            if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
-                raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
-        if source.device != target.device:
-            raise ValueError(f"add_to needs source and target on one device, got {source.device} and {target.device}")
-        queries = sorted(scales)
-        if not queries:
-            if target is not source:
-                target.copy_(source)
-            return
-        if self.distribution == "lowrank" and len(shape) == 2:
-            # float32 even under autocast: the probes run inside the forward, the update outside it
-            with torch.autocast(source.device.type, enabled=False):
-                self._lowrank_add_to(name, shape, step, scales, source, target)
-            return
-        chain = list(range(queries[-1] + 1)) if self.correlation else queries  # every link of a correlated chain
-        seeds = [direction_seed(self.seed, step, k, name) for k in chain]
-        chain_scales = [scales.get(k) for k in chain]
-        if source.device.type == "cpu":
-            philox.add_directions(source, target, seeds, chain_scales, self.correlation, self.distribution == "rademacher")
-        else:
-            _accelerator_add_directions(source, target, seeds, chain_scales, self.correlation, self.distribution == "rademacher")
+        for a in additions:
+            numel = math.prod(a.shape)
+            for tensor in (a.source, a.target):
+                if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
+                    raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
+            if a.source.device != a.target.device:
+                raise ValueError(f"add_to needs source and target on one device, got {a.source.device} and {a.target.device}")
+        batches = defaultdict(list)  # CPU additions with the same links of the chain: one philox call
+        for a in additions:
+            queries = sorted(a.scales)
+            if not queries:
+                if a.target is not a.source:
+                    a.target.copy_(a.source)
+            elif self.distribution == "lowrank" and len(a.shape) == 2:
+                # float32 even under autocast: the probes run inside the forward, the update outside it
+                with torch.autocast(a.source.device.type, enabled=False):
+                    self._lowrank_add_to(a.name, a.shape, step, a.scales, a.source, a.target)
+            else:
+                chain = tuple(range(queries[-1] + 1)) if self.correlation else tuple(queries)  # every link of a correlated chain
+                batches[a.source.device.type == "cpu", chain, tuple(k in a.scales for k in chain)].append(a)
+        rademacher = self.distribution == "rademacher"
+        for (on_cpu, chain, _), batch in batches.items():
+            seeds = [[direction_seed(self.seed, step, k, a.name) for k in chain] for a in batch]
+            scales = [[a.scales.get(k) for k in chain] for a in batch]
+            if on_cpu:
+                philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation, rademacher)
+            else:
+                for a, row_seeds, row_scales in zip(batch, seeds, scales):
+                    _accelerator_add_directions(a.source, a.target, row_seeds, row_scales, self.correlation, rademacher)
 
     def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
         """z_query of one parameter as drawn on CPU, in float32 (diagnostics and tests; training never needs it)."""
         z = torch.zeros(math.prod(shape))
-        self.add_to(name, torch.Size(shape), step, {query: 1.0}, z, z)
+        self.add_to(step, [Addition(name, torch.Size(shape), {query: 1.0}, z, z)])
         return z.view(shape)
 
     def _lowrank_add_to(self, name, shape, step, scales, source, target):

@@ -122,7 +122,7 @@ def rademacher(seed: int, first: int, count: int) -> torch.Tensor:
     return (bits.reshape(-1)[first - 128 * first_block :][:count] * 2 - 1).float()
 
 
-def _add_directions_torch(source, target, first, seeds, scales, alpha, beta, is_rademacher):
+def _add_directions_torch(source, target, seeds, scales, alpha, beta, is_rademacher):
     draw = rademacher if is_rademacher else gaussian
     wide = torch.float64 in (source.dtype, target.dtype)
     for start in range(0, source.numel(), TORCH_CHUNK):
@@ -130,7 +130,7 @@ def _add_directions_torch(source, target, first, seeds, scales, alpha, beta, is_
         acc = source[piece].to(torch.float64 if wide else torch.float32, copy=True)
         z = None
         for seed, scale in zip(seeds, scales):
-            w = draw(seed, first + start, piece.stop - start)
+            w = draw(seed, start, piece.stop - start)
             z = w if z is None or not alpha else z * alpha + w * beta
             if scale is not None:
                 acc = acc + z.to(acc.dtype) * scale
@@ -138,7 +138,7 @@ def _add_directions_torch(source, target, first, seeds, scales, alpha, beta, is_
 
 
 # -------------------------------------------------------------------------------------- C kernel
-ABI_VERSION = 1  # ZO_PHILOX_ABI of _philox.c: a kernel built from an older source is not used
+ABI_VERSION = 2  # ZO_PHILOX_ABI of _philox.c: a kernel built from an older source is not used
 
 
 def _load_library():
@@ -159,7 +159,8 @@ def _load_library():
         return None, f"{path.name} was built from another version of _philox.c; reinstall with pip install -e ."
     library.zo_add_directions.restype = None
     library.zo_add_directions.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+        ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_int32,
         ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8),
         ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_int32,
     ]  # fmt: skip
@@ -172,57 +173,84 @@ LIBRARY, WHY_NO_KERNEL = _load_library()
 KERNEL = LIBRARY.zo_add_directions if LIBRARY is not None else None
 
 
-def _add_directions_kernel(source, target, first, seeds, scales, alpha, beta, is_rademacher):
-    for tensor in (source, target):  # raw pointers go to C: refuse anything but flat CPU storage
-        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() != source.numel():
-            raise ValueError(f"the C kernel needs contiguous CPU tensors of {source.numel()} entries")
-    if first % TILE:
-        raise ValueError(f"first={first} must be a multiple of {TILE}")
-    chain = len(seeds)
-    args = (
+def _kernel(pieces, seeds, scales, alpha, beta, is_rademacher):
+    """One kernel call over float32 ``pieces`` (source, target, first), with one row of seeds and scales each."""
+    count, chain = len(pieces), len(seeds[0])
+    KERNEL(
+        count,
+        (ctypes.c_void_p * count)(*[source.data_ptr() for source, _, _ in pieces]),
+        (ctypes.c_void_p * count)(*[target.data_ptr() for _, target, _ in pieces]),
+        (ctypes.c_int64 * count)(*[first for _, _, first in pieces]),
+        (ctypes.c_int64 * count)(*[source.numel() for source, _, _ in pieces]),
         chain,
-        (ctypes.c_uint64 * chain)(*seeds),
-        (ctypes.c_float * chain)(*[0.0 if s is None else s for s in scales]),
-        (ctypes.c_uint8 * chain)(*[s is not None for s in scales]),
+        (ctypes.c_uint64 * (count * chain))(*[s for row in seeds for s in row]),
+        (ctypes.c_float * (count * chain))(*[0.0 if s is None else s for row in scales for s in row]),
+        (ctypes.c_uint8 * chain)(*[s is not None for s in scales[0]]),
         alpha,
         beta,
         int(is_rademacher),
         torch.get_num_threads(),
     )
-    if source.dtype == target.dtype == torch.float32:
-        KERNEL(source.data_ptr(), target.data_ptr(), first, source.numel(), *args)
-        return
-    for start in range(0, source.numel(), TORCH_CHUNK):  # half precision: through a float32 chunk
+
+
+def _add_directions_half(source, target, seeds, scales, alpha, beta, is_rademacher):
+    """Half precision through the kernel: float32 chunks, one rounding to the target's dtype."""
+    for start in range(0, source.numel(), TORCH_CHUNK):
         piece = slice(start, min(start + TORCH_CHUNK, source.numel()))
         acc = source[piece].to(torch.float32, copy=True)
-        KERNEL(acc.data_ptr(), acc.data_ptr(), first + start, acc.numel(), *args)
+        _kernel([(acc, acc, start)], [seeds], [scales], alpha, beta, is_rademacher)
         target[piece].copy_(acc)
 
 
 def add_directions(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    seeds: list[int],
-    scales: list[float | None],
+    sources: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    seeds: list[list[int]],
+    scales: list[list[float | None]],
     correlation: float = 0.0,
     is_rademacher: bool = False,
 ) -> None:
-    """``target = source + Σ_k scales[k]·z_k`` over flat CPU tensors, z_k drawn with ``seeds[k]``.
+    """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk`` for each t, over flat CPU tensors.
 
-    With ``correlation`` α ≠ 0 the z_k form the chain z_k = α z_{k-1} + sqrt(1 - α²) w_k; a ``None``
-    scale draws its link of the chain without adding it. Arithmetic is float32 with one rounding to
-    the target's dtype (float64 if either tensor is float64, with z still drawn in float32); scales
-    and α are rounded to float32 first. ``target`` may be ``source``.
+    z_tk is drawn with ``seeds[t][k]``. With ``correlation`` α ≠ 0 the z_tk form the chain
+    z_tk = α z_t,k-1 + sqrt(1 - α²) w_tk; a ``None`` scale draws its link of the chain without adding
+    it, and must be ``None`` in every row. Arithmetic is float32 with one rounding to the target's dtype
+    (float64 if either tensor is float64, with z still drawn in float32); scales and α are rounded to
+    float32 first. ``targets[t]`` may be ``sources[t]``. The float32 tensors are drawn by one kernel
+    call, so a list of small tensors costs one call, not one each.
     """
+    if not len(sources) == len(targets) == len(seeds) == len(scales):
+        raise ValueError(f"one row of seeds and scales per tensor: got {len(sources)} sources, "
+                         f"{len(targets)} targets, {len(seeds)} rows of seeds, {len(scales)} rows of scales")
+    if not sources:
+        return
+    used = [s is not None for s in scales[0]]
+    for row_seeds, row_scales in zip(seeds, scales):
+        if len(row_seeds) != len(used) or [s is not None for s in row_scales] != used:
+            raise ValueError(f"every row needs {len(used)} seeds and scales with None at the same links, "
+                             f"got seeds {row_seeds} and scales {row_scales}")
+    for source, target in zip(sources, targets):  # raw pointers go to C: refuse anything but flat CPU storage
+        if source.device.type != "cpu" or target.device.type != "cpu" or source.dim() != 1 or not source.is_contiguous() \
+                or not target.is_contiguous() or target.shape != source.shape:
+            raise ValueError(f"add_directions needs flat contiguous CPU tensors of equal size, got "
+                             f"{tuple(source.shape)} on {source.device} and {tuple(target.shape)} on {target.device}")
     alpha = _float32(correlation)
     beta = _float32((1.0 - correlation**2) ** 0.5)
-    scales = [None if s is None else _float32(s) for s in scales]
-    seeds = [int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds]
+    seeds = [[int(s) & 0xFFFFFFFFFFFFFFFF for s in row] for row in seeds]
+    scales = [[None if s is None else _float32(s) for s in row] for row in scales]
     if KERNEL is None and not _warned:
         _warn_once()
-    wide = torch.float64 in (source.dtype, target.dtype)
-    add = _add_directions_kernel if KERNEL is not None and not wide else _add_directions_torch
-    add(source, target, 0, seeds, scales, alpha, beta, is_rademacher)
+    batch = []  # float32 tensors: one kernel call for all of them
+    for source, target, row_seeds, row_scales in zip(sources, targets, seeds, scales):
+        if KERNEL is None or torch.float64 in (source.dtype, target.dtype):
+            _add_directions_torch(source, target, row_seeds, row_scales, alpha, beta, is_rademacher)
+        elif source.dtype == target.dtype == torch.float32:
+            batch.append((source, target, row_seeds, row_scales))
+        else:
+            _add_directions_half(source, target, row_seeds, row_scales, alpha, beta, is_rademacher)
+    if batch:
+        pieces = [(source, target, 0) for source, target, _, _ in batch]
+        _kernel(pieces, [b[2] for b in batch], [b[3] for b in batch], alpha, beta, is_rademacher)
 
 
 def _float32(x: float) -> float:
