@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, direction_seed
-from zo_trainer.zo import directions, philox
+from zo_trainer.zo import directions, philox, spsa
 
 from conftest import tiny_llama
 
@@ -265,13 +265,11 @@ def test_probe_and_update_match_naive_spsa_on_tied_llama():
 def test_copies_drawn_in_groups_equal_copies_drawn_module_by_module(monkeypatch):
     """Grouped draws (registration order at the first probe, the recorded forward order after it, where
     each layer's norm runs before its projections) give the same probe losses, bit for bit."""
-    from zo_trainer.zo.spsa import _Perturbation
-
     model = tiny_llama(layers=3)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     grouped = [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses for step in range(3)]
-    monkeypatch.setattr(_Perturbation, "GROUP_BYTES", 0)  # one module per draw
+    monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # one module per draw
     alone = [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses for step in range(3)]
     for a, b in zip(grouped, alone):
         assert torch.equal(a, b)
@@ -280,40 +278,44 @@ def test_copies_drawn_in_groups_equal_copies_drawn_module_by_module(monkeypatch)
 def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     """Inference memory: besides the tied embedding's copy, the running module's copies and at most
     GROUP_BYTES drawn ahead, also at the first probe, which guesses the order from the registration
-    order (in which each layer's norms come after its MLP)."""
-    from zo_trainer.zo.spsa import _Perturbation
-
+    order (in which each layer's norms come after its MLP); and the draws are grouped."""
     model = tiny_llama(hidden=64, layers=4)  # per layer: 4 x 16 KiB attention, 3 x 32 KiB MLP matrices
-    monkeypatch.setattr(_Perturbation, "GROUP_BYTES", 100 * 1024)
+    monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     estimator = ZOEstimator(model, eps=1e-3, seed=0)
-    live, peak, calls = [0], [0], [0]
-    take, release, add_to = estimator._pool.take, estimator._pool.release, estimator.sampler.add_to
+    embedding = model.model.embed_tokens.weight
+    alive, draws = [], []
+    draw_group = spsa._Perturbation._draw_group
 
-    def counting_take(p):
-        live[0] += p.numel() * p.element_size()
-        peak[0] = max(peak[0], live[0])
-        return take(p)
+    def measured_draw_group(self, first):
+        draw_group(self, first)
+        draws.append(first)
+        alive.append(sum(copy.numel() * copy.element_size() for copy, _ in self.cache.values()))
 
-    def counting_release(buffer):
-        live[0] -= buffer.numel() * buffer.element_size()
-        release(buffer)
-
-    def counting_add_to(step, additions):
-        calls[0] += 1
-        add_to(step, additions)
-
-    monkeypatch.setattr(estimator._pool, "take", counting_take)
-    monkeypatch.setattr(estimator._pool, "release", counting_release)
-    monkeypatch.setattr(estimator.sampler, "add_to", counting_add_to)
+    monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
     for step in range(3):
-        peak[0] = calls[0] = 0
+        alive.clear(), draws.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
-        assert live[0] == 0  # every copy given back
-        embedding = model.model.embed_tokens.weight
-        assert peak[0] <= embedding.numel() * 4 + 100 * 1024 + 128 * 64 * 4  # + the largest module (MLP)
+        assert max(alive) <= embedding.numel() * 4 + 100 * 1024 + 128 * 64 * 4  # + the largest module (MLP)
+        assert estimator._arena.live == 0 and estimator._arena.offset == 0  # every copy given back
     owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
-    assert calls[0] < owners, "the copies were drawn one module at a time"
+    assert len(draws) < owners / 2, "the copies were drawn one module at a time"
+
+
+def test_the_arena_reuses_its_buffer_once_empty_and_allocates_what_does_not_fit():
+    arena = spsa._CopyArena(1000, torch.device("cpu"))
+    base = arena.buffer.data_ptr()
+    a = arena.take(torch.zeros(10))
+    b = arena.take(torch.zeros(3, 4, dtype=torch.bfloat16))
+    assert (a.data_ptr(), b.data_ptr(), b.shape, b.dtype) == (base, base + 64, (3, 4), torch.bfloat16)
+    big = arena.take(torch.zeros(300))  # 1200 bytes: its own allocation
+    assert not base <= big.data_ptr() < base + 1000 and big.shape == (300,)
+    arena.release(a), arena.release(big)
+    assert arena.take(torch.zeros(1)).data_ptr() == base + 128  # b is still alive: no reuse yet
+    arena.release(b)
+    assert arena.live == 1
+    arena.release(arena.buffer[128:132].view(torch.float32))
+    assert arena.take(torch.zeros(1)).data_ptr() == base  # empty: from the start again
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
@@ -330,21 +332,6 @@ def test_probes_restore_weights_exactly(dtype, distribution):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_large_perturbed_copies_are_not_pooled_and_hold_the_same_numbers():
-    from zo_trainer.zo.spsa import _BufferPool
-
-    pool = _BufferPool()
-    numel = pool.KEEP_BELOW_BYTES // 4 + 1000  # just over the ceiling in float32
-    p = torch.randn(numel, generator=torch.Generator().manual_seed(0))
-    copy = pool.take(p)
-    assert (copy.shape, copy.dtype, copy.is_contiguous()) == (p.shape, p.dtype, True)
-    sampler = DirectionSampler("gaussian", seed=0)
-    sampler.add_to(0, [Addition("w", p.shape, {0: 1e-3}, p, copy)])
-    assert torch.equal(copy, p + naive_z(0, 0, 0, "w", numel) * 1e-3)
-    pool.release(copy)
-    assert not any(pool.free.values())  # never pooled: it would add its size to the peak
 
 
 def test_a_failing_forward_leaves_weights_untouched(llama):

@@ -6,16 +6,15 @@ The probes never write the stored weights: a forward pre-hook on each module tha
 parameters swaps in ``p ± ε z`` for the duration of that module's forward and swaps the original back
 afterwards. So the weights are restored exactly by construction, in every dtype (the in-place
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
-perturbed, and few perturbed copies are alive at a time: the running module's and at most 4 MiB drawn
+perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
 last, so they are drawn once per forward).
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
 Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
-`DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add). Perturbed
-copies below glibc's mmap ceiling are pooled rather than allocated and freed per module and forward,
-which fragments the heap.
+`DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add), for a
+group of modules per call.
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ from .directions import Addition, DirectionSampler
 
 ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
+GROUP_BYTES = 2 * 2**20  # perturbed copies drawn ahead of their modules, at most
+OWN_ALLOCATION_BYTES = 32 * 2**20  # glibc's mmap ceiling: a larger copy is allocated on its own at each forward
 
 
 @dataclass
@@ -86,7 +87,7 @@ class ZOEstimator:
         self.reduction = reduction
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
-        self._pool = _BufferPool()
+        self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
         self._owners_key: tuple | None = None  # ids of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict] = ({}, {})
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
@@ -181,6 +182,9 @@ class ZOEstimator:
                         users[id(p)] += 1
             self._owners_key, self._owners_value = key, (dict(owned), dict(users))
             self._forward_order = list(owned)  # until a probe forward records the real order
+            sizes = [sum(p.numel() * p.element_size() for _, p in params) for params in owned.values()]
+            largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
+            self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
         return self._owners_value
 
     def name_of(self, p: nn.Parameter) -> str:
@@ -196,12 +200,11 @@ class _Perturbation:
     """Swaps ``p + δ·z`` into each owning module around its forward; never writes ``p`` itself.
 
     The copies are drawn a group at a time: at the first module of a group, its own and those of the
-    modules that follow it in the previous forward's order, up to ``GROUP_BYTES`` ahead, in one call.
+    modules that follow it in the previous forward's order, up to ``GROUP_BYTES`` ahead, in one call,
+    into the estimator's `_CopyArena`.
     Why: a call made between two layers' matrix products finds the interpreter's code and data evicted
     from the caches and costs ~0.1 ms more than the same call made warm, once per call, not per entry.
     """
-
-    GROUP_BYTES = 4 * 2**20
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
         self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
@@ -246,7 +249,7 @@ class _Perturbation:
             if left > 1:
                 self.cache[id(p)] = (copy, left - 1)
             else:
-                self.estimator._pool.release(copy)
+                self.estimator._arena.release(copy)
         return output
 
     def _draw_group(self, first: nn.Module) -> None:
@@ -261,39 +264,46 @@ class _Perturbation:
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
             nbytes = sum(p.numel() * p.element_size() for p in missing)
             if module is not first:
-                if self.ahead_bytes + nbytes > self.GROUP_BYTES:
+                if self.ahead_bytes + nbytes > GROUP_BYTES:
                     break
                 self.ahead[module] = nbytes
                 self.ahead_bytes += nbytes
-            for p in missing:
-                out = self.estimator._pool.take(p)
+            for p in missing:  # a tied weight's copy outlives its group: it gets its own allocation
+                out = self.estimator._arena.take(p) if self.users[id(p)] == 1 else _empty_like(p)
                 additions.append(self.estimator._addition(p, {self.query: self.delta}, p, out))
                 self.cache[id(p)] = (out, self.users[id(p)])
         self.estimator.sampler.add_to(self.step, additions)
 
 
-class _BufferPool:
-    """Reuses perturbed-copy buffers by (shape, dtype, device) across modules and forwards.
+class _CopyArena:
+    """One buffer, allocated once, from which the perturbed copies of each group are carved in turn.
 
-    Only buffers under glibc's mmap ceiling (32 MiB) are kept: larger ones (a 32000×320 tied embedding
-    is 41 MB) are mapped and unmapped by the allocator on their own, without fragmenting the heap, and
-    keeping them would add their size to the peak. They get ordinary pages: transparent huge pages
-    made such a fresh copy take several times longer whenever the kernel had to compact memory to
-    find them, which it did at most probes once the logits had churned through memory.
+    Allocating each copy afresh at every forward would fragment glibc's heap (below its mmap ceiling) or
+    pay page faults and zero-filling (above it). Copies are taken and released in forward order, so the
+    buffer empties between groups: once every copy it holds is released, the next starts at offset 0.
+    A copy that does not fit (a module over OWN_ALLOCATION_BYTES, copies drawn while an earlier group
+    is still alive) gets its own allocation.
     """
 
-    KEEP_BELOW_BYTES = 32 * 2**20
+    ALIGN = 64  # bytes: each copy starts on a cache line
 
-    def __init__(self):
-        self.free: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    def __init__(self, nbytes: int, device: torch.device):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.offset = self.live = 0
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
-        free = self.free[(like.shape, like.dtype, like.device)]
-        return free.pop() if free else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        nbytes = like.numel() * like.element_size()
+        start = -(-self.offset // self.ALIGN) * self.ALIGN
+        if like.device != self.buffer.device or start + nbytes > self.buffer.numel():
+            return _empty_like(like)
+        self.offset, self.live = start + nbytes, self.live + 1
+        return self.buffer[start : start + nbytes].view(like.dtype).view(like.shape)
 
-    def release(self, buffer: torch.Tensor) -> None:
-        if buffer.numel() * buffer.element_size() < self.KEEP_BELOW_BYTES:
-            self.free[(buffer.shape, buffer.dtype, buffer.device)].append(buffer)
+    def release(self, copy: torch.Tensor) -> None:
+        if copy.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr():
+            self.live -= 1
+            if not self.live:
+                self.offset = 0
 
 
 class _RngState:
@@ -308,6 +318,10 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.accel is not None:
             torch.cuda.set_rng_state(self.accel, self.device)
+
+
+def _empty_like(p: torch.Tensor) -> torch.Tensor:
+    return torch.empty(p.shape, dtype=p.dtype, device=p.device)
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
