@@ -80,6 +80,23 @@ def test_query_parallel_splits_the_forwards(runs):
     assert losses(runs["query"][0]) == pytest.approx(losses(runs["one"][0]), abs=1e-5)
 
 
+def test_a_batch_is_gathered_in_one_collective_per_dtype():
+    """Packing for the gather (tensors of one dtype side by side) gives back each tensor whole; the 2-process
+    query-parallel runs above check the gathered batch itself against a 1-process run."""
+    from accelerate import Accelerator
+
+    from zo_trainer.trainer import _gather_together
+
+    accelerator, calls = Accelerator(cpu=True), []
+    gather = accelerator.gather
+    accelerator.gather = lambda tensor: calls.append(tensor.dtype) or gather(tensor)
+    batch = {"input_ids": torch.arange(12).view(2, 6), "labels": torch.arange(8).view(2, 4) * 3,
+             "attention_mask": torch.ones(2, 6, dtype=torch.bool), "pixels": torch.randn(2, 3, 2), "count": torch.tensor(5)}
+    gathered = _gather_together(accelerator, batch)
+    assert all(torch.equal(gathered[k], gather(v)) for k, v in batch.items())
+    assert sorted(map(str, calls)) == ["torch.bool", "torch.float32", "torch.int64", "torch.int64"]  # ids + labels: one
+
+
 def test_communication_is_a_few_scalars_per_step(runs):
     data_log = [e for e in runs["data"][0]["log"] if "loss" in e]
     assert [e["communicated_bytes"] for e in data_log] == [32, 64, 96]  # q = 4 float64 projected gradients

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -155,7 +156,7 @@ class ZOTrainer(Trainer):
 
     def _gather_global_batch(self, inputs, num_items_in_batch):
         """Query-parallel: every process evaluates its share of the directions on the whole global batch."""
-        inputs = {k: self.accelerator.gather(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs = {**inputs, **_gather_together(self.accelerator, {k: v for k, v in inputs.items() if torch.is_tensor(v)})}
         self._counters["communicated_bytes"] += sum(v.numel() * v.element_size() for v in inputs.values() if torch.is_tensor(v))
         if num_items_in_batch is None:
             return inputs, None, 1.0
@@ -318,6 +319,23 @@ class ZOTrainer(Trainer):
             logs["trainable_parameters"] = sum(p.numel() for _, p in self.zo_estimator.trainable())
             logs.update(self._window.flush())
         super().log(logs, start_time)
+
+
+def _gather_together(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``accelerator.gather`` of each tensor, with one collective per dtype: a batch's tensors share their first
+    dimension, and every collective costs a round trip and a wait for the slowest process."""
+    groups = defaultdict(list)
+    for key, tensor in tensors.items():
+        groups[(tensor.dtype, tensor.shape[0]) if tensor.dim() else key].append(key)
+    gathered = {}
+    for group, keys in groups.items():
+        if isinstance(group, str):  # a 0-d tensor
+            gathered[group] = accelerator.gather(tensors[group])
+            continue
+        rows = [tensors[k].reshape(group[1], -1) for k in keys]
+        parts = accelerator.gather(torch.cat(rows, dim=1)).split([r.shape[1] for r in rows], dim=1)
+        gathered.update({k: part.reshape(-1, *tensors[k].shape[1:]) for k, part in zip(keys, parts)})
+    return gathered
 
 
 class _LogWindow:

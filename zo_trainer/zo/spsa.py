@@ -171,7 +171,8 @@ class ZOEstimator:
 
     def _owners(self, trainable) -> tuple[dict, dict]:
         """The modules that own trainable parameters (module -> [(local name, p)]) and how many modules use each
-        parameter (tied weights); walked once per set of trainable parameters, not once per forward."""
+        parameter (tied weights). Walked once per set of trainable parameters, not once per forward; a new
+        set also resets the guess of the forward order and sizes the arena of perturbed copies for it."""
         key = tuple(id(p) for _, p in trainable)
         if self._owners_key != key:
             owned, users, ids = defaultdict(list), defaultdict(int), set(key)
