@@ -204,7 +204,7 @@ class _Perturbation:
     modules that follow it in the previous forward's order, up to ``GROUP_BYTES`` ahead, in one call,
     into the estimator's `_CopyArena`.
     Why: a call made between two layers' matrix products finds the interpreter's code and data evicted
-    from the caches and costs ~0.1 ms more than the same call made warm, once per call, not per entry.
+    from the caches and costs 0.04-0.1 ms more than the same call made warm (`benchmarks/bench_directions.py`).
     """
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
