@@ -48,7 +48,7 @@ def direction_seed(base_seed: int, step: int, query: int, name: str) -> int:
 
 
 class DirectionSampler:
-    """Draws the direction z_k of query k for one named parameter and adds it, scaled, to a tensor.
+    """Draws the direction z_k of query k for named parameters and adds it, scaled, to tensors.
 
     With ``correlation`` α ≠ 0 the queries form the chain of the paper's Algorithm 1:
     z_0 = w_0 and z_k = α z_{k-1} + sqrt(1 - α²) w_k with independent w_k, so every z_k keeps unit
