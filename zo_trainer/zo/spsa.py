@@ -230,6 +230,8 @@ class _Perturbation:
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
             for local_name, p in params:
                 module._parameters[local_name] = p
+        for copy, _ in self.cache.values():  # and copies drawn for modules that never ran
+            self.estimator._arena.release(copy)
         self.cache.clear()
         fired = list(dict.fromkeys(self.fired))
         seen = set(fired)
