@@ -80,7 +80,7 @@ def test_query_parallel_splits_the_forwards(runs):
     assert losses(runs["query"][0]) == pytest.approx(losses(runs["one"][0]), abs=1e-5)
 
 
-def test_a_batch_is_gathered_in_one_collective_per_dtype():
+def test_a_batch_is_gathered_in_one_collective_per_dtype_and_batch_size():
     """Packing for the gather (tensors of one dtype side by side) gives back each tensor whole; the 2-process
     query-parallel runs above check the gathered batch itself against a 1-process run."""
     from accelerate import Accelerator
@@ -91,10 +91,11 @@ def test_a_batch_is_gathered_in_one_collective_per_dtype():
     gather = accelerator.gather
     accelerator.gather = lambda tensor: calls.append(tensor.dtype) or gather(tensor)
     batch = {"input_ids": torch.arange(12).view(2, 6), "labels": torch.arange(8).view(2, 4) * 3,
-             "attention_mask": torch.ones(2, 6, dtype=torch.bool), "pixels": torch.randn(2, 3, 2), "count": torch.tensor(5)}
+             "attention_mask": torch.ones(2, 6, dtype=torch.bool), "pixels": torch.randn(2, 3, 2), "count": torch.tensor(5),
+             "nothing": torch.zeros(0, 3, dtype=torch.long)}
     gathered = _gather_together(accelerator, batch)
     assert all(torch.equal(gathered[k], gather(v)) for k, v in batch.items())
-    assert sorted(map(str, calls)) == ["torch.bool", "torch.float32", "torch.int64", "torch.int64"]  # ids + labels: one
+    assert sorted(map(str, calls)) == ["torch.bool", "torch.float32", "torch.int64", "torch.int64", "torch.int64"]  # ids + labels: one
 
 
 def test_communication_is_a_few_scalars_per_step(runs):

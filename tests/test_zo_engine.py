@@ -302,6 +302,45 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     assert len(draws) < owners / 2, "the copies were drawn one module at a time"
 
 
+class ParentOwnsAParameter(nn.Module):
+    """A module that owns a parameter and runs children that own theirs (a ViT's class token, say)."""
+
+    def __init__(self, width=32, layers=8):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x * self.scale)
+        return x.square().mean()
+
+
+def test_copies_that_outlive_their_group_do_not_pin_the_arena(monkeypatch):
+    """The parent's copy lives through every child's forward: from the second probe on it gets its own
+    allocation, and every child's copy comes from the arena (which would otherwise never empty)."""
+    monkeypatch.setattr(spsa, "GROUP_BYTES", 10_000)  # ~2 children ahead; the arena holds 10 kB + one child
+    model, x = ParentOwnsAParameter(), torch.randn(4, 32)
+    estimator = ZOEstimator(model, eps=1e-3, seed=0)
+    allocated, empty_like = [], spsa._empty_like
+    monkeypatch.setattr(spsa, "_empty_like", lambda p: allocated.append(p.shape) or empty_like(p))
+    drawn_ahead = []
+    draw_group = spsa._Perturbation._draw_group
+
+    def checked_draw_group(self, first):
+        draw_group(self, first)
+        drawn_ahead.append(self.ahead_bytes == sum(self.ahead.values()) <= 10_000)
+
+    monkeypatch.setattr(spsa._Perturbation, "_draw_group", checked_draw_group)
+    estimator.probe(lambda: model(x), 0)  # learns the order and which module encloses the others
+    allocated.clear()
+    losses = estimator.probe(lambda: model(x), 1).losses
+    assert allocated == [torch.Size([32]), torch.Size([32])]  # the parent's copy, once per probe forward
+    assert all(drawn_ahead)
+    monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+    assert torch.equal(ZOEstimator(model, eps=1e-3, seed=0).probe(lambda: model(x), 1).losses, losses)
+
+
 def test_the_arena_reuses_its_buffer_once_empty_and_allocates_what_does_not_fit():
     arena = spsa._CopyArena(1000, torch.device("cpu"))
     base = arena.buffer.data_ptr()

@@ -322,17 +322,18 @@ class ZOTrainer(Trainer):
 
 
 def _gather_together(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``accelerator.gather`` of each tensor, with one collective per dtype: a batch's tensors share their first
-    dimension, and every collective costs a round trip and a wait for the slowest process."""
+    """``accelerator.gather`` of each tensor, with one collective for all the tensors of one dtype, device and
+    first dimension (a batch's tensors share it): every collective costs a round trip and a wait for the
+    slowest process."""
     groups = defaultdict(list)
     for key, tensor in tensors.items():
-        groups[(tensor.dtype, tensor.shape[0]) if tensor.dim() else key].append(key)
+        groups[(tensor.dtype, tensor.device, tensor.shape[0]) if tensor.numel() and tensor.dim() else key].append(key)
     gathered = {}
     for group, keys in groups.items():
-        if isinstance(group, str):  # a 0-d tensor
+        if isinstance(group, str):  # a 0-d or empty tensor: on its own
             gathered[group] = accelerator.gather(tensors[group])
             continue
-        rows = [tensors[k].reshape(group[1], -1) for k in keys]
+        rows = [tensors[k].reshape(group[2], -1) for k in keys]
         parts = accelerator.gather(torch.cat(rows, dim=1)).split([r.shape[1] for r in rows], dim=1)
         gathered.update({k: part.reshape(-1, *tensors[k].shape[1:]) for k, part in zip(keys, parts)})
     return gathered

@@ -86,7 +86,7 @@ class DirectionSampler:
 
         ``target`` may be ``source`` (an in-place update). The arithmetic is float32 (float64 for float64
         tensors) with one rounding to the target's dtype, so half-precision copies are exact functions of
-        p and z. On CPU the element-wise directions of all the additions are drawn by one kernel call.
+        p and z. On CPU, the float32 additions that draw the same links of the chain share one kernel call.
         """
         for a in additions:
             numel = math.prod(a.shape)

@@ -32,7 +32,7 @@ from .directions import Addition, DirectionSampler
 ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
 GROUP_BYTES = 2 * 2**20  # perturbed copies drawn ahead of their modules, at most
-OWN_ALLOCATION_BYTES = 32 * 2**20  # glibc's mmap ceiling: a larger copy is allocated on its own at each forward
+OWN_ALLOCATION_BYTES = 32 * 2**20  # glibc's mmap ceiling: the arena is not sized for modules larger than this
 
 
 @dataclass
@@ -91,6 +91,7 @@ class ZOEstimator:
         self._owners_key: tuple | None = None  # ids of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict] = ({}, {})
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
+        self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
 
     # ----------------------------------------------------------------------------------------- probe
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -173,9 +174,9 @@ class ZOEstimator:
         """The modules that own trainable parameters (module -> [(local name, p)]) and how many modules use each
         parameter (tied weights). Walked once per set of trainable parameters, not once per forward; a new
         set also resets the guess of the forward order and sizes the arena of perturbed copies for it."""
-        key = tuple(id(p) for _, p in trainable)
+        key = (trainable[0][1].device, *(id(p) for _, p in trainable))  # the device: the arena lives there
         if self._owners_key != key:
-            owned, users, ids = defaultdict(list), defaultdict(int), set(key)
+            owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
             for module in self.model.modules():
                 for local_name, p in module.named_parameters(recurse=False):
                     if id(p) in ids:
@@ -183,6 +184,7 @@ class ZOEstimator:
                         users[id(p)] += 1
             self._owners_key, self._owners_value = key, (dict(owned), dict(users))
             self._forward_order = list(owned)  # until a probe forward records the real order
+            self._enclosing = set()
             sizes = [sum(p.numel() * p.element_size() for _, p in params) for params in owned.values()]
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
@@ -216,6 +218,7 @@ class _Perturbation:
         self.order = self.estimator._forward_order
         self.position = {module: i for i, module in enumerate(self.order)}
         self.fired: list[nn.Module] = []
+        self.running: list[nn.Module] = []  # modules between their pre-hook and their hook
         self.ahead: dict[nn.Module, int] = {}  # module that has not run yet -> bytes of its copies drawn ahead
         self.ahead_bytes = 0
         self.handles = []
@@ -230,15 +233,16 @@ class _Perturbation:
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
             for local_name, p in params:
                 module._parameters[local_name] = p
-        for copy, _ in self.cache.values():  # and copies drawn for modules that never ran
-            self.estimator._arena.release(copy)
         self.cache.clear()
+        self.estimator._arena.reset()  # no copy outlives the context, also after a forward that raised
         fired = list(dict.fromkeys(self.fired))
         seen = set(fired)
         self.estimator._forward_order = fired + [module for module in self.owned if module not in seen]
 
     def _swap_in(self, module, args):
         self.fired.append(module)
+        self.estimator._enclosing.update(self.running)  # modules still running enclose this one
+        self.running.append(module)
         self.ahead_bytes -= self.ahead.pop(module, 0)
         if any(id(p) not in self.cache for _, p in self.owned[module]):
             self._draw_group(module)
@@ -246,6 +250,7 @@ class _Perturbation:
             module._parameters[local_name] = self.cache[id(p)][0]
 
     def _swap_out(self, module, args, output):
+        self.running.remove(module)
         for local_name, p in self.owned[module]:
             module._parameters[local_name] = p
             copy, left = self.cache.pop(id(p))
@@ -262,17 +267,19 @@ class _Perturbation:
         start = self.position.get(first)
         additions, done = [], set(self.fired)
         for module in [first] if start is None else self.order[start:]:
-            if module is not first and module in done:  # ran already in this forward
-                continue
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
+            if module is not first and (module in done or not missing):  # ran already, or drawn already
+                continue
             nbytes = sum(p.numel() * p.element_size() for p in missing)
             if module is not first:
                 if self.ahead_bytes + nbytes > GROUP_BYTES:
                     break
                 self.ahead[module] = nbytes
                 self.ahead_bytes += nbytes
-            for p in missing:  # a tied weight's copy outlives its group: it gets its own allocation
-                out = self.estimator._arena.take(p) if self.users[id(p)] == 1 else _empty_like(p)
+            # a copy that outlives its group (a tied weight's, an enclosing module's) gets its own allocation
+            outlives = module in self.estimator._enclosing
+            for p in missing:
+                out = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else _empty_like(p)
                 additions.append(self.estimator._addition(p, {self.query: self.delta}, p, out))
                 self.cache[id(p)] = (out, self.users[id(p)])
         self.estimator.sampler.add_to(self.step, additions)
@@ -284,8 +291,8 @@ class _CopyArena:
     Allocating each copy afresh at every forward would fragment glibc's heap (below its mmap ceiling) or
     pay page faults and zero-filling (above it). Copies are taken and released in forward order, so the
     buffer empties between groups: once every copy it holds is released, the next starts at offset 0.
-    A copy that does not fit (a module over OWN_ALLOCATION_BYTES, copies drawn while an earlier group
-    is still alive) gets its own allocation.
+    Copies that would keep it from emptying (tied weights, modules that enclose other owners) are not
+    taken from it, and a copy that does not fit gets its own allocation.
     """
 
     ALIGN = 64  # bytes: each copy starts on a cache line
@@ -302,11 +309,14 @@ class _CopyArena:
         self.offset, self.live = start + nbytes, self.live + 1
         return self.buffer[start : start + nbytes].view(like.dtype).view(like.shape)
 
+    def reset(self) -> None:
+        self.offset = self.live = 0
+
     def release(self, copy: torch.Tensor) -> None:
         if copy.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr():
             self.live -= 1
             if not self.live:
-                self.offset = 0
+                self.reset()
 
 
 class _RngState:
