@@ -88,7 +88,7 @@ class ZOEstimator:
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
-        self._owners_key: tuple | None = None  # ids of the trainable parameters _owners_value was built for
+        self._owners_key: tuple | None = None  # device and ids of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict] = ({}, {})
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
@@ -217,7 +217,7 @@ class _Perturbation:
         self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
         self.order = self.estimator._forward_order
         self.position = {module: i for i, module in enumerate(self.order)}
-        self.fired: list[nn.Module] = []
+        self.fired: dict[nn.Module, None] = {}  # the owners that ran, in order (an ordered set)
         self.running: list[nn.Module] = []  # modules between their pre-hook and their hook
         self.ahead: dict[nn.Module, int] = {}  # module that has not run yet -> bytes of its copies drawn ahead
         self.ahead_bytes = 0
@@ -235,12 +235,11 @@ class _Perturbation:
                 module._parameters[local_name] = p
         self.cache.clear()
         self.estimator._arena.reset()  # no copy outlives the context, also after a forward that raised
-        fired = list(dict.fromkeys(self.fired))
-        seen = set(fired)
-        self.estimator._forward_order = fired + [module for module in self.owned if module not in seen]
+        unseen = [module for module in self.owned if module not in self.fired]
+        self.estimator._forward_order = [*self.fired, *unseen]
 
     def _swap_in(self, module, args):
-        self.fired.append(module)
+        self.fired[module] = None
         self.estimator._enclosing.update(self.running)  # modules still running enclose this one
         self.running.append(module)
         self.ahead_bytes -= self.ahead.pop(module, 0)
@@ -265,10 +264,10 @@ class _Perturbation:
         modules that have not run yet stay under GROUP_BYTES in all, so a wrong guess of the order costs
         time, never memory."""
         start = self.position.get(first)
-        additions, done = [], set(self.fired)
+        additions = []
         for module in [first] if start is None else self.order[start:]:
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
-            if module is not first and (module in done or not missing):  # ran already, or drawn already
+            if module is not first and (module in self.fired or not missing):  # ran already, or drawn already
                 continue
             nbytes = sum(p.numel() * p.element_size() for p in missing)
             if module is not first:
