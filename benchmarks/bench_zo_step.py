@@ -4,18 +4,19 @@
     python benchmarks/bench_zo_step.py --quick              # small only, 2 repeats (< 1 min)
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,mezo_q1 --repeats 31   # the target, tighter
+    python benchmarks/bench_zo_step.py --models small,20m,1b     # on a GPU (CUDA is used when present)
 
-Two random-init Llama models (no download): "small" (1.3M params, batch 8x128) and "20m" (the paper's
-llama2-20m, 20.0M params, batch 8x256). For each it reports
+Random-init Llama models (no download): "small" (1.3M params, batch 8x128), "20m" (the paper's llama2-20m,
+20.0M params, batch 8x256) and, for GPUs, "1b" (TinyLlama's shape, 1.1B params, batch 8x256). For each it reports
 
 * time (median of --repeats after one warm-up; the kinds are interleaved round-robin within each
   repeat so that load drifting on a shared machine hits every kind alike): two forwards back to back
   (the unit of a q = 1 step; one forward is half of it), ZO step
   (zo_trainer.zo: probe + accumulate + step, central, Gaussian) for q=1 and q=4, with Rademacher
   and with SubZero low-rank directions (rank 4) for q=1, an inline MeZO
-  reference step (the published 4-sweep algorithm) for q=1 and q=4, and an FO-SGD step;
-* peak memory of inference (2 x 2 forwards) / ZO step (q=1) / FO-SGD step, each the median over 3 fresh
-  subprocesses running 2 steps:
+  reference step (the published 4-sweep algorithm) for q=1 and q=4, and FO steps with SGD and AdamW;
+* peak memory of inference (2 x 2 forwards) / ZO step (q=1) / FO-SGD / FO-AdamW step, each the median over
+  3 fresh subprocesses (1 on CUDA, whose count is exact) running 2 steps:
   on CUDA ``max_memory_allocated``; on CPU peak RSS in total and as the increment over the RSS right
   after building model and batch, so the Python + torch + weights baseline does not hide a step's cost;
   on CPU twice: with glibc's default allocator, and with a fixed mmap threshold ("no-frag"), whose peak
@@ -44,15 +45,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from zo_trainer.modeling import PRESETS
 from zo_trainer.zo import ZOSGD, ZOEstimator
 
+TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
 MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
     "small": (PRESETS["llama-tiny"], 8, 128),
     "20m": (PRESETS["llama2-20m"], 8, 256),
+    "1b": (TINYLLAMA_1B, 8, 256),  # TinyLlama's shape, 1.1B params: for GPUs (FO-AdamW needs ~18 GB)
 }
-DEFAULT_REPEATS = {"small": 9, "20m": 7}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
+DEFAULT_REPEATS = {"small": 9, "20m": 7, "1b": 7}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
-MEM_KINDS = ("inference", "zo", "fo_sgd")
+MEM_KINDS = ("inference", "zo", "fo_sgd", "fo_adamw")
 QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "mezo_q1": 1, "mezo_q4": 4}
-TIMED_KINDS = (*QUERIES, "fo_sgd")
+FO_KINDS = ("fo_sgd", "fo_adamw")
+TIMED_KINDS = (*QUERIES, *FO_KINDS)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -86,12 +91,13 @@ def make_steps(model, x) -> dict:
 
         return step
 
-    sgd = torch.optim.SGD(model.parameters(), lr=LR)
+    def fo(optimizer):
+        def step():
+            loss_fn().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    def fo_sgd():
-        loss_fn().backward()
-        sgd.step()
-        sgd.zero_grad(set_to_none=True)
+        return step
 
     return {
         "2 forwards": forwards,
@@ -101,7 +107,8 @@ def make_steps(model, x) -> dict:
         "zo_q1_lowrank": zo(1, "lowrank"),
         "mezo_q1": lambda: mezo_step(model, loss_fn, 1, next(counter)),
         "mezo_q4": lambda: mezo_step(model, loss_fn, 4, next(counter)),
-        "fo_sgd": fo_sgd,
+        "fo_sgd": fo(torch.optim.SGD(model.parameters(), lr=LR)),
+        "fo_adamw": fo(torch.optim.AdamW(model.parameters(), lr=LR)),  # the usual pretraining optimizer: 2 states
     }
 
 
@@ -176,7 +183,7 @@ def measure_memory(name: str, kind: str) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     model, x = build(name)
-    step = {"inference": "2 forwards", "zo": "zo_q1", "fo_sgd": "fo_sgd"}[kind]
+    step = {"inference": "2 forwards", "zo": "zo_q1"}.get(kind, kind)
     step = make_steps(model, x)[step]
     gc.collect()
     if DEVICE.type == "cuda":
@@ -196,14 +203,14 @@ def measure_memory(name: str, kind: str) -> dict:
     return {"peak": peak, "base": base, "increment": peak - base, "ru_maxrss": ru_maxrss}
 
 
-MEMORY_RUNS = 3
+MEMORY_RUNS = 3 if DEVICE.type == "cpu" else 1  # CUDA's max_memory_allocated is the same in every run
 ALLOCATORS = {  # name -> environment of the memory subprocess
     "glibc": {},
     # A fixed mmap threshold turns off glibc's dynamic one: every block >= 128 KiB is mapped and unmapped on
     # its own, so the peak RSS is the live tensors', free of heap fragmentation (which depends on the order
     # of allocations, not on what a step keeps alive).
     "no-frag": {"MALLOC_MMAP_THRESHOLD_": "131072"},
-}
+} if DEVICE.type == "cpu" else {"cuda": {}}  # CUDA: the caching allocator's count of live tensors
 
 
 def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
@@ -218,7 +225,7 @@ def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
 # ----------------------------------------------------------------------------------------- results
 def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
     med = {kind: statistics.median(ts) for kind, ts in times.items()}
-    forwards = {kind: 2 * q for kind, q in QUERIES.items()} | {"fo_sgd": 1}  # the forwards each kind is held to
+    forwards = {kind: 2 * q for kind, q in QUERIES.items()} | dict.fromkeys(FO_KINDS, 1)  # the forwards each kind is held to
     forwards = {kind: n for kind, n in forwards.items() if kind in times}
     ratios = {}
     for kind, n in forwards.items():
@@ -229,8 +236,9 @@ def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
     for allocator, mem in memory.items():
         ratios[f"zo_peak / inf_peak ({allocator}, total)"] = mem["zo"]["peak"] / mem["inference"]["peak"]
         ratios[f"zo_peak / inf_peak ({allocator}, increment)"] = mem["zo"]["increment"] / mem["inference"]["increment"]
-        ratios[f"fo_peak / zo_peak ({allocator}, total)"] = mem["fo_sgd"]["peak"] / mem["zo"]["peak"]
-        ratios[f"fo_peak / zo_peak ({allocator}, increment)"] = mem["fo_sgd"]["increment"] / mem["zo"]["increment"]
+        for fo in FO_KINDS:
+            ratios[f"{fo}_peak / zo_peak ({allocator}, total)"] = mem[fo]["peak"] / mem["zo"]["peak"]
+            ratios[f"{fo}_peak / zo_peak ({allocator}, increment)"] = mem[fo]["increment"] / mem["zo"]["increment"]
     return {
         "params": params,
         "batch": list(MODELS[name][1:]),

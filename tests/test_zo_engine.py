@@ -121,21 +121,31 @@ def test_directions_do_not_need_the_c_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_accelerator_chunks_follow_their_recipe(distribution, monkeypatch):
-    """The accelerator path (device generator per chunk), run on CPU tensors with small chunks."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scales", [[None, 0.5], [0.25, 0.5], [0.5]])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_accelerator_chunks_follow_their_recipe(distribution, dtype, scales, in_place, monkeypatch):
+    """The accelerator path (device generator per chunk), run on CPU tensors with small chunks, against the
+    recipe written out: z chained in float32, target = source + Σ scale·z in float32, rounded once (to within
+    one bfloat16 unit: whether a + α·b is fused depends on the CPU kernel, which can move a rounding tie)."""
     monkeypatch.setattr(directions, "ACCELERATOR_CHUNK_NUMEL", 1000)
-    seeds, alpha = [11, 12], 0.6
-    source, target = torch.randn(2500), torch.empty(2500)
-    directions._accelerator_add_directions(source, target, seeds, [None, 0.5], alpha, distribution == "rademacher")
+    seeds, alpha = [11, 12][: len(scales)], 0.6
+    source = torch.randn(2500, generator=torch.Generator().manual_seed(5)).to(dtype)
+    target = source.clone() if in_place else torch.empty(2500, dtype=dtype)
+    directions._accelerator_add_directions(target if in_place else source, target, seeds, scales, alpha,
+                                           distribution == "rademacher")
     expected = []
     for c, start in enumerate(range(0, 2500, 1000)):
-        w = []
-        for seed in seeds:
+        size = min(1000, 2500 - start)
+        acc, z = source[start : start + size].float(), None
+        for seed, scale in zip(seeds, scales):
             g = torch.Generator().manual_seed(directions.chunk_seed(seed, c))
-            size = min(1000, 2500 - start)
-            w.append(torch.empty(size).bernoulli_(0.5, generator=g) * 2 - 1 if distribution == "rademacher" else torch.randn(size, generator=g))
-        expected.append(source[start : start + size] + 0.5 * (alpha * w[0] + math.sqrt(1 - alpha**2) * w[1]))
-    torch.testing.assert_close(target, torch.cat(expected), rtol=0, atol=1e-6)
+            w = torch.empty(size).bernoulli_(0.5, generator=g) * 2 - 1 if distribution == "rademacher" else torch.randn(size, generator=g)
+            z = w if z is None else alpha * z + math.sqrt(1 - alpha**2) * w
+            if scale is not None:
+                acc = acc + scale * z
+        expected.append(acc.to(dtype))
+    torch.testing.assert_close(target, torch.cat(expected), rtol=0 if dtype == torch.float32 else 2**-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

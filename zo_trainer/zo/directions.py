@@ -167,26 +167,41 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+_GENERATORS: dict[torch.device, torch.Generator] = {}  # one per device, reseeded before every draw
+
+
 @torch.no_grad()
 def _accelerator_add_directions(source, target, seeds, scales, correlation, is_rademacher):
     """`philox.add_directions` on an accelerator: chunk c of z_k from the device generator seeded with
-    ``chunk_seed(seeds[k], c)``, one chunk-sized buffer per link; float32 arithmetic (float64 for
-    float64 tensors) like the CPU path."""
+    ``chunk_seed(seeds[k], c)``; float32 arithmetic (float64 for float64 tensors) like the CPU path.
+
+    Few kernels per tensor, since on a GPU the launches of a small model's ~100 tensors cost more than their
+    arithmetic: one draw and one ``add(source, z, out=target)`` per link, which computes in float32 and rounds
+    once into a half-precision target; an accumulator only where several links go into a half-precision one.
+    """
     beta = math.sqrt(1.0 - correlation**2)
-    generator = torch.Generator(device=source.device)
-    wide = torch.float64 in (source.dtype, target.dtype)
+    generator = _GENERATORS.get(source.device)
+    if generator is None:
+        generator = _GENERATORS[source.device] = torch.Generator(device=source.device)
+    compute = torch.float64 if torch.float64 in (source.dtype, target.dtype) else torch.float32
+    links = sum(scale is not None for scale in scales)
     for start in range(0, source.numel(), ACCELERATOR_CHUNK_NUMEL):
         piece = slice(start, min(start + ACCELERATOR_CHUNK_NUMEL, source.numel()))
-        acc = source[piece].to(torch.float64 if wide else torch.float32, copy=True)
-        z = None
+        src, dst = source[piece], target[piece]
+        acc = dst if dst.dtype == compute or links == 1 else torch.empty_like(dst, dtype=compute)
+        z, first = None, True
         for seed, scale in zip(seeds, scales):
             generator.manual_seed(chunk_seed(seed, start // ACCELERATOR_CHUNK_NUMEL))
-            w = torch.empty_like(acc)
+            w = torch.empty_like(src, dtype=compute)
             if is_rademacher:
                 w.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
             else:
                 w.normal_(generator=generator)
             z = w if z is None or not correlation else z.mul_(correlation).add_(w, alpha=beta)
             if scale is not None:
-                acc.add_(z, alpha=scale)
-        target[piece].copy_(acc)
+                torch.add(src if first else acc, z, alpha=scale, out=acc)
+                first = False
+        if first:
+            acc.copy_(src)
+        if acc is not dst:
+            dst.copy_(acc)
