@@ -164,6 +164,34 @@ def test_one_call_over_many_tensors_equals_one_call_each(kernel, monkeypatch):
         assert torch.equal(together[t], alone), f"tensor {t} of {sizes_and_dtypes[t]}"
 
 
+@needs_kernel
+@pytest.mark.parametrize("is_rademacher", [False, True])
+def test_slices_and_matrix_rows_drawn_from_any_entry_equal_the_torch_code(is_rademacher):
+    """The kernel's tiles start at multiples of 256; a slice that starts inside one (a row of a matrix) is cut from
+    the two it straddles. Reference: the torch code, which draws any entry on its own."""
+    g = torch.Generator().manual_seed(4)
+    seeds, scales, correlation = [21, 2**64 - 3], [None, 0.125], 0.6
+    for first, count in ((37, 1000), (255, 1), (1000 * 320 + 64, 320), (513, 300_001)):
+        source = torch.randn(count, generator=g)
+        kernel, torch_code = torch.empty(count), torch.empty(count)
+        philox.add_directions([source], [kernel], [seeds], [scales], correlation, is_rademacher, firsts=[first])
+        alpha, beta = philox._chain_coefficients(correlation)
+        philox._add_directions_torch(source, torch_code, first, seeds, scales, alpha, beta, is_rademacher)
+        assert torch.equal(kernel.view(torch.int32), torch_code.view(torch.int32)), (first, count)
+    matrix = torch.randn(3000, 320, generator=g)
+    whole = torch.empty_like(matrix)
+    philox.add_directions([matrix.view(-1)], [whole.view(-1)], [seeds], [scales], correlation, is_rademacher)
+    rows = torch.tensor([2999, 0, 17, 17, 801, 4])
+    out = torch.empty(len(rows), 320)
+    philox.add_rows(matrix, rows, out, seeds, scales, correlation, is_rademacher)
+    assert torch.equal(out, whole[rows])
+
+
+def test_add_rows_refuses_what_it_cannot_draw():
+    with pytest.raises(ValueError, match="add_rows needs"):
+        philox.add_rows(torch.zeros(4, 3, dtype=torch.bfloat16), torch.tensor([1]), torch.zeros(1, 3), [1], [1.0])
+
+
 def test_rows_must_agree_on_the_links_they_add():
     one = torch.zeros(10)
     with pytest.raises(ValueError, match="None at the same links"):

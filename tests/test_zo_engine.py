@@ -285,10 +285,40 @@ def test_copies_drawn_in_groups_equal_copies_drawn_module_by_module(monkeypatch)
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(philox.KERNEL is None, reason="rows are looked up only where the C kernel draws them")
+@pytest.mark.parametrize("distribution, correlation, queries, tied", [
+    ("gaussian", 0.0, 2, True), ("gaussian", 0.5, 2, True), ("rademacher", 0.0, 1, True), ("gaussian", 0.0, 1, False),
+])
+def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distribution, correlation, queries, tied, monkeypatch):
+    """Only the rows an embedding looks up are perturbed (renumbered, with padding_idx lifted for the lookup):
+    the probe losses equal those with a full perturbed copy of the table, bit for bit, and the module is
+    restored after the probe, also after a forward that raised."""
+    model = tiny_llama(layers=2, pad_token_id=255, tie_word_embeddings=tied)  # beyond the rows a batch looks up
+    embedding = model.model.embed_tokens
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, :4] = 255  # padding tokens are looked up like any other in a forward
+    loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    settings = dict(eps=1e-3, num_queries=queries, seed=5, distribution=distribution, correlation=correlation)
+    looked_up, add_rows = [], DirectionSampler.add_rows
+    monkeypatch.setattr(DirectionSampler, "add_rows", lambda self, *a: looked_up.append(a[3]) or add_rows(self, *a))
+    rows = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
+    assert len(looked_up) == 2 * 2 * queries and all(len(r) == len(torch.unique(ids)) for r in looked_up)
+    assert embedding.padding_idx == 255 and embedding.weight is model.get_parameter("model.embed_tokens.weight")
+    monkeypatch.setattr(ZOEstimator, "_looks_up_rows", lambda self, module: False)
+    full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
+    for a, b in zip(rows, full):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    model.model.layers[0].register_forward_pre_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ZOEstimator(model, **settings).probe(loss_fn, 0)
+    assert embedding.padding_idx == 255 and isinstance(embedding.weight, nn.Parameter)
+
+
 def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
-    """Inference memory: besides the tied embedding's copy, the running module's copies and at most
-    GROUP_BYTES drawn ahead, also at the first probe, which guesses the order from the registration
-    order (in which each layer's norms come after its MLP); and the draws are grouped."""
+    """Inference memory: the running module's copies and at most GROUP_BYTES drawn ahead, also at the first
+    probe, which guesses the order from the registration order (in which each layer's norms come after its
+    MLP); the tied embedding's full copy only while the LM head runs; and the draws are grouped."""
     model = tiny_llama(hidden=64, layers=4)  # per layer: 4 x 16 KiB attention, 3 x 32 KiB MLP matrices
     monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -296,17 +326,20 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     embedding = model.model.embed_tokens.weight
     alive, draws = [], []
     draw_group = spsa._Perturbation._draw_group
+    early_layers = set(model.model.layers[:-1].modules())  # the head's copy may be drawn ahead from the last one
 
     def measured_draw_group(self, first):
         draw_group(self, first)
         draws.append(first)
         alive.append(sum(copy.numel() * copy.element_size() for copy, _ in self.cache.values()))
+        if first in early_layers and philox.KERNEL is not None:  # the embedding looked up rows: no full copy yet
+            assert all(copy.numel() != embedding.numel() for copy, _ in self.cache.values())
 
     monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
     for step in range(3):
         alive.clear(), draws.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
-        assert max(alive) <= embedding.numel() * 4 + 100 * 1024 + 128 * 64 * 4  # + the largest module (MLP)
+        assert max(alive) <= embedding.numel() * 4 + 100 * 1024 + 128 * 64 * 4  # the head's copy or an MLP's
         assert estimator._arena.live == 0 and estimator._arena.offset == 0  # every copy given back
     owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     assert len(draws) < owners / 2, "the copies were drawn one module at a time"

@@ -18,7 +18,7 @@
 #error "fast-math reorders float operations: the kernel would no longer match philox.py bit for bit"
 #endif
 
-#define ZO_PHILOX_ABI 2  /* bump with any change of the exported signatures; philox.py checks it */
+#define ZO_PHILOX_ABI 3  /* bump with any change of the exported functions' contract; philox.py checks it */
 
 #define TILE_BLOCKS 64                 /* Philox blocks per Gaussian tile */
 #define TILE (4 * TILE_BLOCKS)         /* entries per tile: 256 (Rademacher: 2 blocks of 128 bits) */
@@ -211,8 +211,16 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
     int64_t offset = tile * TILE, size = n - offset < TILE ? n - offset : TILE;
     for (int64_t i = 0; i < size; i++) acc[i] = source[offset + i];
     for (int64_t i = size; i < TILE; i++) acc[i] = 0.0f;  /* the last tile's tail is computed, never stored */
+    int64_t start = first + offset, shift = start % TILE;  /* a slice that starts inside a tile (a row of a matrix) */
     for (int32_t k = 0; k < chain; k++) {
-        draw_tile(seeds[k], first + offset, rademacher, w);
+        if (shift == 0) {
+            draw_tile(seeds[k], start, rademacher, w);
+        } else {  /* the two tiles it straddles */
+            float pair[2 * TILE];
+            draw_tile(seeds[k], start - shift, rademacher, pair);
+            draw_tile(seeds[k], start - shift + TILE, rademacher, pair + TILE);
+            memcpy(w, pair + shift, sizeof w);
+        }
         if (k > 0 && alpha != 0.0f)  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
             for (int i = 0; i < TILE; i++) z[i] = alpha * z[i] + beta * w[i];
         else
@@ -225,7 +233,7 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
 
 /* For each tensor t < count: targets[t][i] = sources[t][i] + sum_{k < chain, used[k]} scales[t][k] * z_tk[firsts[t] + i]
  * for i < sizes[t] (float32), z_tk drawn with seeds[t * chain + k] and scales[t][k] = scales[t * chain + k].
- * firsts[t] is a multiple of 256; targets[t] may equal sources[t]. One parallel region for the whole
+ * firsts[t] is any entry (a multiple of 256 draws each tile once); targets[t] may equal sources[t]. One parallel region for the whole
  * list: the tiles of each tensor are shared among the threads, which go on to the next tensor without
  * waiting, so many small tensors cost one fork and join, not one each. */
 void zo_add_directions(int32_t count, const float *const *sources, float *const *targets, const int64_t *firsts,

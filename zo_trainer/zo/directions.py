@@ -118,6 +118,21 @@ class DirectionSampler:
                 for a, row_seeds, row_scales in zip(batch, seeds, scales):
                     _accelerator_add_directions(a.source, a.target, row_seeds, row_scales, self.correlation, rademacher)
 
+    def can_add_rows(self, matrix: torch.Tensor) -> bool:
+        """Whether `add_rows` serves ``matrix``: the C kernel, a float32 CPU matrix, element-wise directions."""
+        return (philox.KERNEL is not None and self.distribution != "lowrank" and matrix.dtype == torch.float32
+                and matrix.device.type == "cpu" and matrix.dim() == 2 and matrix.is_contiguous())
+
+    @torch.no_grad()
+    def add_rows(self, step: int, name: str, matrix: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
+                 scales: dict[int, float]) -> None:
+        """``out[i] = matrix[rows[i]] + Σ_k scales[k]·z_k[rows[i]]``, bit for bit those rows of `add_to` over the
+        matrix, drawing only them (an embedding's lookup needs a few rows of a large table)."""
+        queries = sorted(scales)
+        chain = tuple(range(queries[-1] + 1)) if self.correlation else tuple(queries)
+        philox.add_rows(matrix, rows, out, [direction_seed(self.seed, step, k, name) for k in chain],
+                        [scales.get(k) for k in chain], self.correlation, self.distribution == "rademacher")
+
     def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
         """z_query of one parameter as drawn on CPU, in float32 (diagnostics and tests; training never needs it)."""
         z = torch.zeros(math.prod(shape))

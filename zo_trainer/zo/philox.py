@@ -41,7 +41,6 @@ SIN_POLY = [float.fromhex(h) for h in ("-0x1.9943f2p-13", "0x1.11073cp-7", "-0x1
 COS_POLY = [float.fromhex(h) for h in ("0x1.99eb9cp-16", "-0x1.6c0c34p-10", "0x1.55554ap-5")]
 HALF_PI = float.fromhex("0x1.921fb6p+0")
 
-TILE = 256  # the kernel's tile: a slice drawn on its own must start at a multiple of it
 TORCH_CHUNK = 1 << 18  # entries per pass of the torch code and per half-precision kernel call
 
 
@@ -122,7 +121,7 @@ def rademacher(seed: int, first: int, count: int) -> torch.Tensor:
     return (bits.reshape(-1)[first - 128 * first_block :][:count] * 2 - 1).float()
 
 
-def _add_directions_torch(source, target, seeds, scales, alpha, beta, is_rademacher):
+def _add_directions_torch(source, target, first, seeds, scales, alpha, beta, is_rademacher):
     draw = rademacher if is_rademacher else gaussian
     wide = torch.float64 in (source.dtype, target.dtype)
     for start in range(0, source.numel(), TORCH_CHUNK):
@@ -130,7 +129,7 @@ def _add_directions_torch(source, target, seeds, scales, alpha, beta, is_rademac
         acc = source[piece].to(torch.float64 if wide else torch.float32, copy=True)
         z = None
         for seed, scale in zip(seeds, scales):
-            w = draw(seed, start, piece.stop - start)
+            w = draw(seed, first + start, piece.stop - start)
             z = w if z is None or not alpha else z * alpha + w * beta
             if scale is not None:
                 acc = acc + z.to(acc.dtype) * scale
@@ -138,7 +137,7 @@ def _add_directions_torch(source, target, seeds, scales, alpha, beta, is_rademac
 
 
 # -------------------------------------------------------------------------------------- C kernel
-ABI_VERSION = 2  # ZO_PHILOX_ABI of _philox.c: a kernel built from an older source is not used
+ABI_VERSION = 3  # ZO_PHILOX_ABI of _philox.c: a kernel built from an older source is not used
 
 
 def _load_library():
@@ -193,12 +192,12 @@ def _kernel(pieces, seeds, scales, alpha, beta, is_rademacher):
     )
 
 
-def _add_directions_half(source, target, seeds, scales, alpha, beta, is_rademacher):
+def _add_directions_half(source, target, first, seeds, scales, alpha, beta, is_rademacher):
     """Half precision through the kernel: float32 chunks, one rounding to the target's dtype."""
     for start in range(0, source.numel(), TORCH_CHUNK):
         piece = slice(start, min(start + TORCH_CHUNK, source.numel()))
         acc = source[piece].to(torch.float32, copy=True)
-        _kernel([(acc, acc, start)], [seeds], [scales], alpha, beta, is_rademacher)
+        _kernel([(acc, acc, first + start)], [seeds], [scales], alpha, beta, is_rademacher)
         target[piece].copy_(acc)
 
 
@@ -209,17 +208,19 @@ def add_directions(
     scales: list[list[float | None]],
     correlation: float = 0.0,
     is_rademacher: bool = False,
+    firsts: list[int] | None = None,
 ) -> None:
-    """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk`` for each t, over flat CPU tensors.
+    """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk[firsts[t]:]`` for each t, over flat CPU tensors.
 
-    z_tk is drawn with ``seeds[t][k]``. With ``correlation`` α ≠ 0 the z_tk form the chain
+    z_tk is drawn with ``seeds[t][k]``, from its entry ``firsts[t]`` on (0 by default: a whole tensor). With ``correlation`` α ≠ 0 the z_tk form the chain
     z_tk = α z_t,k-1 + sqrt(1 - α²) w_tk; a ``None`` scale draws its link of the chain without adding
     it, and must be ``None`` in every row. Arithmetic is float32 with one rounding to the target's dtype
     (float64 if either tensor is float64, with z still drawn in float32); scales and α are rounded to
     float32 first. ``targets[t]`` may be ``sources[t]``. The float32 tensors are drawn by one kernel
     call, so a list of small tensors costs one call, not one each.
     """
-    if not len(sources) == len(targets) == len(seeds) == len(scales):
+    firsts = [0] * len(sources) if firsts is None else firsts
+    if not len(sources) == len(targets) == len(seeds) == len(scales) == len(firsts):
         raise ValueError(f"one row of seeds and scales per tensor: got {len(sources)} sources, "
                          f"{len(targets)} targets, {len(seeds)} rows of seeds, {len(scales)} rows of scales")
     if not sources:
@@ -234,23 +235,65 @@ def add_directions(
                 or not target.is_contiguous() or target.shape != source.shape:
             raise ValueError(f"add_directions needs flat contiguous CPU tensors of equal size, got "
                              f"{tuple(source.shape)} on {source.device} and {tuple(target.shape)} on {target.device}")
-    alpha = _float32(correlation)
-    beta = _float32((1.0 - correlation**2) ** 0.5)
+    alpha, beta = _chain_coefficients(correlation)
     seeds = [[int(s) & 0xFFFFFFFFFFFFFFFF for s in row] for row in seeds]
     scales = [[None if s is None else _float32(s) for s in row] for row in scales]
     if KERNEL is None and not _warned:
         _warn_once()
     batch = []  # float32 tensors: one kernel call for all of them
-    for source, target, row_seeds, row_scales in zip(sources, targets, seeds, scales):
+    for source, target, first, row_seeds, row_scales in zip(sources, targets, firsts, seeds, scales):
         if KERNEL is None or torch.float64 in (source.dtype, target.dtype):
-            _add_directions_torch(source, target, row_seeds, row_scales, alpha, beta, is_rademacher)
+            _add_directions_torch(source, target, first, row_seeds, row_scales, alpha, beta, is_rademacher)
         elif source.dtype == target.dtype == torch.float32:
-            batch.append((source, target, row_seeds, row_scales))
+            batch.append(((source, target, first), row_seeds, row_scales))
         else:
-            _add_directions_half(source, target, row_seeds, row_scales, alpha, beta, is_rademacher)
+            _add_directions_half(source, target, first, row_seeds, row_scales, alpha, beta, is_rademacher)
     if batch:
-        pieces = [(source, target, 0) for source, target, _, _ in batch]
-        _kernel(pieces, [b[2] for b in batch], [b[3] for b in batch], alpha, beta, is_rademacher)
+        _kernel([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], alpha, beta, is_rademacher)
+
+
+def add_rows(
+    matrix: torch.Tensor,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    seeds: list[int],
+    scales: list[float | None],
+    correlation: float = 0.0,
+    is_rademacher: bool = False,
+) -> None:
+    """``out[i] = matrix[rows[i]] + Σ_k scales[k]·z_k[rows[i]]``: the rows of a perturbed matrix, without the matrix.
+
+    z_k is the direction of ``seeds[k]`` over the whole (flat) matrix, so each row equals the same row of
+    `add_directions` over the matrix, bit for bit. One kernel call, its arguments built by torch, not by a
+    Python loop over rows: an embedding's rows for a batch are thousands. Float32 CPU tensors and the kernel only.
+    """
+    if KERNEL is None or matrix.dtype != torch.float32 or out.dtype != torch.float32 or matrix.device.type != "cpu" \
+            or matrix.dim() != 2 or not matrix.is_contiguous() or not out.is_contiguous() \
+            or out.shape != (len(rows), matrix.shape[1]) or rows.dtype != torch.int64:
+        raise ValueError(f"add_rows needs the C kernel, a contiguous float32 CPU matrix, int64 rows and an out of "
+                         f"shape (rows, columns); got {matrix.dtype} {tuple(matrix.shape)}, {rows.dtype} rows, "
+                         f"{out.dtype} {tuple(out.shape)}, kernel {'present' if KERNEL else 'absent'}")
+    count, width, chain = len(rows), matrix.shape[1], len(seeds)
+    if not count:
+        return
+    firsts = rows * width
+    item = matrix.element_size()
+    sources = firsts * item + matrix.data_ptr()
+    targets = torch.arange(count, dtype=torch.int64) * (width * item) + out.data_ptr()
+    sizes = torch.full((count,), width, dtype=torch.int64)
+    seed_rows = torch.tensor([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=torch.uint64).repeat(count)
+    scale_rows = torch.tensor([0.0 if s is None else s for s in scales], dtype=torch.float32).repeat(count)
+    alpha, beta = _chain_coefficients(correlation)
+    pointer = lambda t, kind: ctypes.cast(t.data_ptr(), ctypes.POINTER(kind))  # noqa: E731
+    KERNEL(count, pointer(sources, ctypes.c_void_p), pointer(targets, ctypes.c_void_p), pointer(firsts, ctypes.c_int64),
+           pointer(sizes, ctypes.c_int64), chain, pointer(seed_rows, ctypes.c_uint64), pointer(scale_rows, ctypes.c_float),
+           (ctypes.c_uint8 * chain)(*[s is not None for s in scales]), alpha, beta, int(is_rademacher),
+           torch.get_num_threads())
+
+
+def _chain_coefficients(correlation: float) -> tuple[float, float]:
+    """α and sqrt(1 - α²) of the correlated chain, rounded to float32 as the kernel uses them."""
+    return _float32(correlation), _float32((1.0 - correlation**2) ** 0.5)
 
 
 def _float32(x: float) -> float:

@@ -8,7 +8,9 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
-last, so they are drawn once per forward).
+last, so they are drawn once per forward). An embedding lookup perturbs only the rows it looks up (on
+CPU, with the C kernel): a tied embedding's full copy then exists only around the LM head, instead of
+through every layer, where it displaced activations in glibc's heap.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
@@ -89,7 +91,7 @@ class ZOEstimator:
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
         self._owners_key: tuple | None = None  # device and ids of the trainable parameters _owners_value was built for
-        self._owners_value: tuple[dict, dict] = ({}, {})
+        self._owners_value: tuple[dict, dict, set] = ({}, {}, set())
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
 
@@ -170,25 +172,38 @@ class ZOEstimator:
             additions.append(self._addition(p, scales, p.grad))
         self.sampler.add_to(step, additions)
 
-    def _owners(self, trainable) -> tuple[dict, dict]:
-        """The modules that own trainable parameters (module -> [(local name, p)]) and how many modules use each
-        parameter (tied weights). Walked once per set of trainable parameters, not once per forward; a new
-        set also resets the guess of the forward order and sizes the arena of perturbed copies for it."""
-        key = (trainable[0][1].device, *(id(p) for _, p in trainable))  # the device: the arena lives there
+    def _owners(self, trainable) -> tuple[dict, dict, set]:
+        """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
+        copy of each parameter (tied weights), and the embeddings that perturb only the rows they look up.
+        Walked once per set of trainable parameters, not once per forward; a new set also resets the guess of
+        the forward order and sizes the arena of perturbed copies for it."""
+        key = (trainable[0][1].device, *((id(p), p.dtype) for _, p in trainable))  # the device: the arena lives there
         if self._owners_key != key:
             owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
+            rows_only = set()
             for module in self.model.modules():
                 for local_name, p in module.named_parameters(recurse=False):
                     if id(p) in ids:
                         owned[module].append((local_name, p))
+                if module in owned and self._looks_up_rows(module):
+                    rows_only.add(module)
+                elif module in owned:
+                    for _, p in owned[module]:
                         users[id(p)] += 1
-            self._owners_key, self._owners_value = key, (dict(owned), dict(users))
+            self._owners_key, self._owners_value = key, (dict(owned), dict(users), rows_only)
             self._forward_order = list(owned)  # until a probe forward records the real order
             self._enclosing = set()
-            sizes = [sum(p.numel() * p.element_size() for _, p in params) for params in owned.values()]
+            sizes = [sum(p.numel() * p.element_size() for _, p in params)
+                     for module, params in owned.items() if module not in rows_only]
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
         return self._owners_value
+
+    def _looks_up_rows(self, module: nn.Module) -> bool:
+        """A plain `nn.Embedding` (its forward is a lookup of ``input`` in ``weight``, nothing else) whose
+        direction the sampler can draw row by row."""
+        return (type(module).forward is nn.Embedding.forward and module.max_norm is None
+                and self.sampler.can_add_rows(module.weight))
 
     def name_of(self, p: nn.Parameter) -> str:
         return self._names[id(p)]
@@ -211,7 +226,7 @@ class _Perturbation:
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
         self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
-        self.owned, self.users = estimator._owners(trainable)
+        self.owned, self.users, self.rows_only = estimator._owners(trainable)
 
     def __enter__(self):
         self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
@@ -221,6 +236,7 @@ class _Perturbation:
         self.running: list[nn.Module] = []  # modules between their pre-hook and their hook
         self.ahead: dict[nn.Module, int] = {}  # module that has not run yet -> bytes of its copies drawn ahead
         self.ahead_bytes = 0
+        self.padding: dict[nn.Module, int | None] = {}  # embedding -> its padding_idx, while it looks up rows
         self.handles = []
         for module in self.owned:
             self.handles.append(module.register_forward_pre_hook(self._swap_in))
@@ -233,6 +249,8 @@ class _Perturbation:
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
             for local_name, p in params:
                 module._parameters[local_name] = p
+        for module, padding_idx in self.padding.items():
+            module.padding_idx = padding_idx
         self.cache.clear()
         self.estimator._arena.reset()  # no copy outlives the context, also after a forward that raised
         unseen = [module for module in self.owned if module not in self.fired]
@@ -243,13 +261,31 @@ class _Perturbation:
         self.estimator._enclosing.update(self.running)  # modules still running enclose this one
         self.running.append(module)
         self.ahead_bytes -= self.ahead.pop(module, 0)
+        if module in self.rows_only:
+            return self._look_up_perturbed_rows(module, args)
         if any(id(p) not in self.cache for _, p in self.owned[module]):
             self._draw_group(module)
         for local_name, p in self.owned[module]:
             module._parameters[local_name] = self.cache[id(p)][0]
 
+    def _look_up_perturbed_rows(self, module: nn.Embedding, args):
+        """The embedding's forward sees only the rows of ``weight + δz`` that its input looks up, renumbered."""
+        ids, weight = args[0], self.owned[module][0][1]
+        rows, ranks = torch.unique(ids, return_inverse=True)
+        compact = torch.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+        self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows, compact,
+                                        {self.query: self.delta})
+        module._parameters["weight"] = compact
+        self.padding[module] = module.padding_idx  # only the gradient reads it, and it may exceed the rows looked up
+        module.padding_idx = None
+        return (ranks, *args[1:])
+
     def _swap_out(self, module, args, output):
         self.running.remove(module)
+        if module in self.rows_only:
+            module._parameters["weight"] = self.owned[module][0][1]
+            module.padding_idx = self.padding.pop(module)
+            return output
         for local_name, p in self.owned[module]:
             module._parameters[local_name] = p
             copy, left = self.cache.pop(id(p))
@@ -267,8 +303,8 @@ class _Perturbation:
         additions = []
         for module in [first] if start is None else self.order[start:]:
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
-            if module is not first and (module in self.fired or not missing):  # ran already, or drawn already
-                continue
+            if module is not first and (module in self.fired or not missing or module in self.rows_only):
+                continue  # ran already, drawn already, or looks up rows when it runs
             nbytes = sum(p.numel() * p.element_size() for p in missing)
             if module is not first:
                 if self.ahead_bytes + nbytes > GROUP_BYTES:
