@@ -309,6 +309,8 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     for a, b in zip(rows, full):
         assert torch.equal(a, b)
     monkeypatch.undo()
+    by_keyword = lambda: model(inputs_embeds=embedding(input=ids), labels=ids).loss  # noqa: E731  # whole table
+    assert torch.equal(ZOEstimator(model, **settings).probe(by_keyword, 0).losses, full[0])
     model.model.layers[0].register_forward_pre_hook(lambda *_: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ZOEstimator(model, **settings).probe(loss_fn, 0)

@@ -183,7 +183,7 @@ static inline void box_muller(const uint32_t *restrict a, const uint32_t *restri
 }
 
 /* Entries [start, start + TILE) of one direction; start is a multiple of TILE. */
-static inline void draw_tile(uint64_t seed, int64_t start, int rademacher, float *restrict w) {
+static inline __attribute__((always_inline)) void draw_tile(uint64_t seed, int64_t start, int rademacher, float *restrict w) {
     uint32_t x[4][TILE_BLOCKS];
     if (rademacher) {  /* entry e: bit e % 32 of word (e / 32) % 4 of block e / 128 */
         philox(seed, (uint64_t)start / 128, 2, x);
@@ -207,20 +207,15 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 static void add_tile(const float *source, float *target, int64_t first, int64_t n, int64_t tile,
                      int32_t chain, const uint64_t *seeds, const float *scales, const uint8_t *used,
                      float alpha, float beta, int32_t rademacher) {
-    float acc[TILE], z[TILE], w[TILE];
+    float acc[TILE], z[TILE], drawn[2 * TILE];
     int64_t offset = tile * TILE, size = n - offset < TILE ? n - offset : TILE;
     for (int64_t i = 0; i < size; i++) acc[i] = source[offset + i];
     for (int64_t i = size; i < TILE; i++) acc[i] = 0.0f;  /* the last tile's tail is computed, never stored */
-    int64_t start = first + offset, shift = start % TILE;  /* a slice that starts inside a tile (a row of a matrix) */
+    int64_t start = first + offset, shift = start % TILE;  /* a slice may start inside a tile (a row of a matrix) */
+    const float *w = drawn + shift;                        /* then it is cut from the two tiles it straddles */
     for (int32_t k = 0; k < chain; k++) {
-        if (shift == 0) {
-            draw_tile(seeds[k], start, rademacher, w);
-        } else {  /* the two tiles it straddles */
-            float pair[2 * TILE];
-            draw_tile(seeds[k], start - shift, rademacher, pair);
-            draw_tile(seeds[k], start - shift + TILE, rademacher, pair + TILE);
-            memcpy(w, pair + shift, sizeof w);
-        }
+        for (int64_t part = 0; part < (shift ? 2 : 1); part++)  /* one call site: inlined into each clone */
+            draw_tile(seeds[k], start - shift + part * TILE, rademacher, drawn + part * TILE);
         if (k > 0 && alpha != 0.0f)  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
             for (int i = 0; i < TILE; i++) z[i] = alpha * z[i] + beta * w[i];
         else

@@ -270,14 +270,19 @@ class _Perturbation:
 
     def _look_up_perturbed_rows(self, module: nn.Embedding, args):
         """The embedding's forward sees only the rows of ``weight + δz`` that its input looks up, renumbered."""
-        ids, weight = args[0], self.owned[module][0][1]
-        rows, ranks = torch.unique(ids, return_inverse=True)
+        weight = self.owned[module][0][1]
+        self.padding[module] = module.padding_idx
+        if not args:  # the input came as a keyword, out of a pre-hook's reach: perturb the whole table
+            copy = _empty_like(weight)
+            self.estimator.sampler.add_to(self.step, [self.estimator._addition(weight, {self.query: self.delta}, weight, copy)])
+            module._parameters["weight"] = copy
+            return None
+        rows, ranks = torch.unique(args[0], return_inverse=True)
         compact = torch.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
-        self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows, compact,
+        self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows.long(), compact,
                                         {self.query: self.delta})
         module._parameters["weight"] = compact
-        self.padding[module] = module.padding_idx  # only the gradient reads it, and it may exceed the rows looked up
-        module.padding_idx = None
+        module.padding_idx = None  # only the gradient reads it, and it may exceed the rows looked up
         return (ranks, *args[1:])
 
     def _swap_out(self, module, args, output):
