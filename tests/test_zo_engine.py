@@ -295,6 +295,8 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     restored after the probe, also after a forward that raised."""
     model = tiny_llama(layers=2, pad_token_id=255, tie_word_embeddings=tied)  # beyond the rows a batch looks up
     embedding = model.model.embed_tokens
+    assert not ZOEstimator(model)._looks_up_rows(embedding)  # 64 KiB: copied whole
+    monkeypatch.setattr(spsa, "LOOKUP_ROWS_BYTES", 0)  # the tiny table counts as large
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     ids[0, :4] = 255  # padding tokens are looked up like any other in a forward
     loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
@@ -304,11 +306,12 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     rows = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     assert len(looked_up) == 2 * 2 * queries and all(len(r) == len(torch.unique(ids)) for r in looked_up)
     assert embedding.padding_idx == 255 and embedding.weight is model.get_parameter("model.embed_tokens.weight")
+    looks_up_rows = ZOEstimator._looks_up_rows
     monkeypatch.setattr(ZOEstimator, "_looks_up_rows", lambda self, module: False)
     full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     for a, b in zip(rows, full):
         assert torch.equal(a, b)
-    monkeypatch.undo()
+    monkeypatch.setattr(ZOEstimator, "_looks_up_rows", looks_up_rows)
     by_keyword = lambda: model(inputs_embeds=embedding(input=ids), labels=ids).loss  # noqa: E731  # whole table
     assert torch.equal(ZOEstimator(model, **settings).probe(by_keyword, 0).losses, full[0])
     model.model.layers[0].register_forward_pre_hook(lambda *_: 1 / 0)
@@ -338,6 +341,7 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
             assert all(copy.numel() != embedding.numel() for copy, _ in self.cache.values())
 
     monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
+    monkeypatch.setattr(spsa, "LOOKUP_ROWS_BYTES", 0)  # the tiny table counts as large
     for step in range(3):
         alive.clear(), draws.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)

@@ -8,9 +8,9 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
-last, so they are drawn once per forward). An embedding lookup perturbs only the rows it looks up (on
-CPU, with the C kernel): a tied embedding's full copy then exists only around the LM head, instead of
-through every layer, where it displaced activations in glibc's heap.
+last, so they are drawn once per forward). An embedding table over 32 MiB perturbs only the rows it
+looks up (on CPU, with the C kernel): a tied embedding's full copy then exists only around the LM head,
+instead of through every layer, where it displaced activations in glibc's heap.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
@@ -35,6 +35,7 @@ ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
 GROUP_BYTES = 2 * 2**20  # perturbed copies drawn ahead of their modules, at most
 OWN_ALLOCATION_BYTES = 32 * 2**20  # glibc's mmap ceiling: the arena is not sized for modules larger than this
+LOOKUP_ROWS_BYTES = OWN_ALLOCATION_BYTES  # embedding tables above this perturb only the rows they look up
 
 
 @dataclass
@@ -201,8 +202,10 @@ class ZOEstimator:
 
     def _looks_up_rows(self, module: nn.Module) -> bool:
         """A plain `nn.Embedding` (its forward is a lookup of ``input`` in ``weight``, nothing else) whose
-        direction the sampler can draw row by row."""
+        direction the sampler can draw row by row, and whose table is large enough for a full copy to matter:
+        a small table is cheaper to copy whole than to renumber a batch's tokens for."""
         return (type(module).forward is nn.Embedding.forward and module.max_norm is None
+                and module.weight.numel() * module.weight.element_size() > LOOKUP_ROWS_BYTES
                 and self.sampler.can_add_rows(module.weight))
 
     def name_of(self, p: nn.Parameter) -> str:
