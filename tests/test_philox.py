@@ -190,6 +190,17 @@ def test_slices_and_matrix_rows_drawn_from_any_entry_equal_the_torch_code(is_rad
 def test_add_rows_refuses_what_it_cannot_draw():
     with pytest.raises(ValueError, match="add_rows needs"):
         philox.add_rows(torch.zeros(4, 3, dtype=torch.bfloat16), torch.tensor([1]), torch.zeros(1, 3), [1], [1.0])
+    with pytest.raises(ValueError, match="add_rows needs"):
+        philox.add_rows(torch.zeros(4, 3), torch.tensor([[1]]), torch.zeros(1, 3), [1], [1.0])
+    with pytest.raises(ValueError, match="firsts"):
+        philox.add_directions([torch.zeros(3)], [torch.zeros(3)], [[1]], [[1.0]], firsts=[-1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("row", [4, -1])
+def test_add_rows_refuses_rows_outside_the_matrix(row):
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        philox.add_rows(torch.zeros(4, 3), torch.tensor([row]), torch.zeros(1, 3), [1], [1.0])
 
 
 def test_rows_must_agree_on_the_links_they_add():

@@ -314,6 +314,9 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     monkeypatch.setattr(ZOEstimator, "_looks_up_rows", looks_up_rows)
     by_keyword = lambda: model(inputs_embeds=embedding(input=ids), labels=ids).loss  # noqa: E731  # whole table
     assert torch.equal(ZOEstimator(model, **settings).probe(by_keyword, 0).losses, full[0])
+    for bad in (torch.tensor([[0, 256]]), torch.tensor([[-1, 0]])):  # the lookup's own error, not memory past the table
+        with pytest.raises(IndexError):
+            ZOEstimator(model, **settings).probe(lambda: model(input_ids=bad).logits.sum(), 0)
     model.model.layers[0].register_forward_pre_hook(lambda *_: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ZOEstimator(model, **settings).probe(loss_fn, 0)

@@ -220,6 +220,8 @@ def add_directions(
     call, so a list of small tensors costs one call, not one each.
     """
     firsts = [0] * len(sources) if firsts is None else firsts
+    if any(first < 0 for first in firsts):
+        raise ValueError(f"firsts must be entries >= 0, got {firsts}")
     if not len(sources) == len(targets) == len(seeds) == len(scales) == len(firsts):
         raise ValueError(f"one row of seeds and scales per tensor: got {len(sources)} sources, "
                          f"{len(targets)} targets, {len(seeds)} rows of seeds, {len(scales)} rows of scales")
@@ -267,24 +269,29 @@ def add_rows(
     `add_directions` over the matrix, bit for bit. One kernel call, its arguments built by torch, not by a
     Python loop over rows: an embedding's rows for a batch are thousands. Float32 CPU tensors and the kernel only.
     """
-    if KERNEL is None or matrix.dtype != torch.float32 or out.dtype != torch.float32 or matrix.device.type != "cpu" \
-            or matrix.dim() != 2 or not matrix.is_contiguous() or not out.is_contiguous() \
-            or out.shape != (len(rows), matrix.shape[1]) or rows.dtype != torch.int64:
-        raise ValueError(f"add_rows needs the C kernel, a contiguous float32 CPU matrix, int64 rows and an out of "
-                         f"shape (rows, columns); got {matrix.dtype} {tuple(matrix.shape)}, {rows.dtype} rows, "
-                         f"{out.dtype} {tuple(out.shape)}, kernel {'present' if KERNEL else 'absent'}")
+    if KERNEL is None or matrix.dtype != torch.float32 or out.dtype != torch.float32 or rows.dtype != torch.int64 \
+            or {matrix.device.type, out.device.type, rows.device.type} != {"cpu"} or matrix.dim() != 2 or rows.dim() != 1 \
+            or not (matrix.is_contiguous() and out.is_contiguous() and rows.is_contiguous()) \
+            or out.shape != (len(rows), matrix.shape[1]):
+        raise ValueError(f"add_rows needs the C kernel, a contiguous float32 CPU matrix, flat int64 CPU rows and an out "
+                         f"of shape (rows, columns); got {matrix.dtype} {tuple(matrix.shape)} on {matrix.device}, "
+                         f"{rows.dtype} rows of shape {tuple(rows.shape)}, {out.dtype} {tuple(out.shape)}, kernel "
+                         f"{'present' if KERNEL else 'absent'}")
     count, width, chain = len(rows), matrix.shape[1], len(seeds)
     if not count:
         return
+    if rows.min() < 0 or rows.max() >= matrix.shape[0]:
+        raise IndexError(f"add_rows: rows must lie in [0, {matrix.shape[0]}), got {rows.min().item()}..{rows.max().item()}")
     firsts = rows * width
     item = matrix.element_size()
     sources = firsts * item + matrix.data_ptr()
     targets = torch.arange(count, dtype=torch.int64) * (width * item) + out.data_ptr()
     sizes = torch.full((count,), width, dtype=torch.int64)
-    seed_rows = torch.tensor([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=torch.uint64).repeat(count)
+    seed_bits = [int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds]  # as int64 with the same bits: the kernel reads uint64
+    seed_rows = torch.tensor([s - (1 << 64) if s >> 63 else s for s in seed_bits], dtype=torch.int64).repeat(count)
     scale_rows = torch.tensor([0.0 if s is None else s for s in scales], dtype=torch.float32).repeat(count)
     alpha, beta = _chain_coefficients(correlation)
-    pointer = lambda t, kind: ctypes.cast(t.data_ptr(), ctypes.POINTER(kind))  # noqa: E731
+    pointer = lambda t, kind: ctypes.cast(t.data_ptr(), ctypes.POINTER(kind))  # noqa: E731  # the tensors outlive the call
     KERNEL(count, pointer(sources, ctypes.c_void_p), pointer(targets, ctypes.c_void_p), pointer(firsts, ctypes.c_int64),
            pointer(sizes, ctypes.c_int64), chain, pointer(seed_rows, ctypes.c_uint64), pointer(scale_rows, ctypes.c_float),
            (ctypes.c_uint8 * chain)(*[s is not None for s in scales]), alpha, beta, int(is_rademacher),

@@ -204,7 +204,7 @@ class ZOEstimator:
         """A plain `nn.Embedding` (its forward is a lookup of ``input`` in ``weight``, nothing else) whose
         direction the sampler can draw row by row, and whose table is large enough for a full copy to matter:
         a small table is cheaper to copy whole than to renumber a batch's tokens for."""
-        return (type(module).forward is nn.Embedding.forward and module.max_norm is None
+        return (type(module).forward is nn.Embedding.forward and "forward" not in vars(module) and module.max_norm is None
                 and module.weight.numel() * module.weight.element_size() > LOOKUP_ROWS_BYTES
                 and self.sampler.can_add_rows(module.weight))
 
@@ -272,15 +272,21 @@ class _Perturbation:
             module._parameters[local_name] = self.cache[id(p)][0]
 
     def _look_up_perturbed_rows(self, module: nn.Embedding, args):
-        """The embedding's forward sees only the rows of ``weight + δz`` that its input looks up, renumbered."""
+        """The embedding's forward sees only the rows of ``weight + δz`` that its input looks up, renumbered
+        (so another forward hook on it sees the renumbered ids)."""
         weight = self.owned[module][0][1]
         self.padding[module] = module.padding_idx
-        if not args:  # the input came as a keyword, out of a pre-hook's reach: perturb the whole table
+        ids, rows = args[0] if args else None, None
+        if isinstance(ids, torch.Tensor) and ids.device == weight.device and ids.dtype in (torch.int64, torch.int32) \
+                and ids.numel():
+            rows, ranks = torch.unique(ids, return_inverse=True)  # sorted
+            if rows[0] < 0 or rows[-1] >= weight.shape[0]:
+                rows = None
+        if rows is None:  # a keyword input, or ids the lookup itself must reject: perturb the whole table
             copy = _empty_like(weight)
             self.estimator.sampler.add_to(self.step, [self.estimator._addition(weight, {self.query: self.delta}, weight, copy)])
             module._parameters["weight"] = copy
             return None
-        rows, ranks = torch.unique(args[0], return_inverse=True)
         compact = torch.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
         self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows.long(), compact,
                                         {self.query: self.delta})
