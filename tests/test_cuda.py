@@ -11,13 +11,12 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from zo_trainer import ZOTrainer
 from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator
 
 from conftest import random_token_dataset, tiny_llama
-from test_zo_engine import Quadratic, zo_estimate
+from test_zo_engine import Quadratic, assert_probe_and_update_match_naive_spsa, zo_estimate
 from test_zo_trainer import assert_same, config, params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -50,29 +49,12 @@ def test_cuda_estimate_is_unbiased():
 
 
 def test_cuda_probe_and_update_match_naive_spsa_on_tied_llama():
-    """Naive reference: materialise every z (same sampler), evaluate L(θ ± εz) with functional_call."""
+    """The naive reference of the CPU test, with the z the CUDA sampler draws (same seeds)."""
     model = tiny_llama(vocab_size=5000, hidden=256, layers=1).to(CUDA)
     ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0)).to(CUDA)
-    eps, lr, q, seed, step = 1e-2, 1e-2, 2, 11, 3
-    named = dict(model.named_parameters())
-    sampler = DirectionSampler("gaussian", seed=seed)
-    zs = [{n: cuda_direction(sampler, n, p.numel(), step, k).view_as(p) for n, p in named.items()} for k in range(q)]
-
-    def loss_at(delta, z):
-        params = {n: p.detach() + delta * z[n] for n, p in named.items()}
-        return functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss.double()
-
-    with torch.no_grad():
-        projected = [(loss_at(eps, zs[k]) - loss_at(-eps, zs[k])) / (2 * eps) for k in range(q)]
-        expected = {n: p.detach() - lr * sum(projected[k] / q * zs[k][n] for k in range(q)) for n, p in named.items()}
-    estimator = ZOEstimator(model, eps=eps, num_queries=q, seed=seed)
-    optimizer = ZOSGD(model.parameters(), estimator, lr=lr)
-    probe = estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
-    torch.testing.assert_close(probe.projected_grads, torch.stack(projected), rtol=1e-3, atol=1e-3)
-    optimizer.accumulate(probe)
-    optimizer.step()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), expected[n].float(), rtol=0, atol=1e-6)
+    sampler = DirectionSampler("gaussian", seed=11)
+    assert_probe_and_update_match_naive_spsa(
+        model, ids, lambda seed, step, k, name, numel: cuda_direction(sampler, name, numel, step, k), seed=11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

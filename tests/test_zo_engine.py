@@ -242,25 +242,19 @@ def test_lowrank_estimate_is_unbiased_and_refreshes_its_basis():
     assert torch.equal(same_period[0], same_period[1]) and not torch.equal(same_period[1], same_period[2])
 
 
-def test_probe_and_update_match_naive_spsa_on_tied_llama():
-    """Naive reference: materialise every z, evaluate L(θ ± εz) with functional_call, update out of place."""
-    model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding
-    ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
-    eps, lr, q, seed, step = 1e-2, 1e-2, 2, 11, 3
+def assert_probe_and_update_match_naive_spsa(model, ids, direction, eps=1e-2, lr=1e-2, q=2, seed=11, step=3):
+    """Naive reference: materialise every z with ``direction(seed, step, query, name, numel)``, evaluate
+    L(θ ± εz) with functional_call, update out of place; the engine's probe and step must agree."""
     named = dict(model.named_parameters())  # tied weights appear once, under their first name
-    zs = {k: {n: naive_z(seed, step, k, n, p.numel()).view_as(p) for n, p in named.items()} for k in range(q)}
+    zs = [{n: direction(seed, step, k, n, p.numel()).view_as(p) for n, p in named.items()} for k in range(q)]
 
-    def loss_at(delta):
-        params = {n: p.detach() + delta * zs_k[n] for n, p in named.items()} if delta else None
+    def loss_at(delta, z):
+        params = {n: p.detach() + delta * z[n] for n, p in named.items()}
         return functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss.double()
 
     with torch.no_grad():
-        projected = []
-        for k in range(q):
-            zs_k = zs[k]
-            projected.append((loss_at(eps) - loss_at(-eps)) / (2 * eps))
+        projected = [(loss_at(eps, zs[k]) - loss_at(-eps, zs[k])) / (2 * eps) for k in range(q)]
         expected = {n: p.detach() - lr * sum(projected[k] / q * zs[k][n] for k in range(q)) for n, p in named.items()}
-
     estimator = ZOEstimator(model, eps=eps, num_queries=q, seed=seed)
     optimizer = ZOSGD(model.parameters(), estimator, lr=lr)
     probe = estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
@@ -269,6 +263,12 @@ def test_probe_and_update_match_naive_spsa_on_tied_llama():
     optimizer.step()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n].float(), rtol=0, atol=1e-6)
+
+
+def test_probe_and_update_match_naive_spsa_on_tied_llama():
+    model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding
+    ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 

@@ -97,8 +97,7 @@ class DirectionSampler:
                 raise ValueError(f"add_to needs source and target on one device, got {a.source.device} and {a.target.device}")
         batches = defaultdict(list)  # CPU additions with the same links of the chain: one philox call
         for a in additions:
-            queries = sorted(a.scales)
-            if not queries:
+            if not a.scales:
                 if a.target is not a.source:
                     a.target.copy_(a.source)
             elif self.distribution == "lowrank" and len(a.shape) == 2:
@@ -106,7 +105,7 @@ class DirectionSampler:
                 with torch.autocast(a.source.device.type, enabled=False):
                     self._lowrank_add_to(a.name, a.shape, step, a.scales, a.source, a.target)
             else:
-                chain = tuple(range(queries[-1] + 1)) if self.correlation else tuple(queries)  # every link of a correlated chain
+                chain = self._links(a.scales)
                 batches[a.source.device.type == "cpu", chain, tuple(k in a.scales for k in chain)].append(a)
         rademacher = self.distribution == "rademacher"
         for (on_cpu, chain, _), batch in batches.items():
@@ -128,10 +127,14 @@ class DirectionSampler:
                  scales: dict[int, float]) -> None:
         """``out[i] = matrix[rows[i]] + Σ_k scales[k]·z_k[rows[i]]``, bit for bit those rows of `add_to` over the
         matrix, drawing only them (an embedding's lookup needs a few rows of a large table)."""
-        queries = sorted(scales)
-        chain = tuple(range(queries[-1] + 1)) if self.correlation else tuple(queries)
+        chain = self._links(scales)
         philox.add_rows(matrix, rows, out, [direction_seed(self.seed, step, k, name) for k in chain],
                         [scales.get(k) for k in chain], self.correlation, self.distribution == "rademacher")
+
+    def _links(self, scales: dict[int, float]) -> tuple[int, ...]:
+        """The queries whose directions are drawn to add ``scales``: every link up to the last for a correlated chain."""
+        queries = sorted(scales)
+        return tuple(range(queries[-1] + 1)) if self.correlation else tuple(queries)
 
     def direction(self, name: str, shape: torch.Size, step: int, query: int) -> torch.Tensor:
         """z_query of one parameter as drawn on CPU, in float32 (diagnostics and tests; training never needs it)."""
