@@ -164,6 +164,19 @@ def test_lowrank_directions_ignore_autocast():
         assert torch.equal(sampler.direction("W", (6, 5), 3, 0), plain)
 
 
+@pytest.mark.skipif(philox.KERNEL is None, reason="blocks of rows are drawn by the C kernel")
+@pytest.mark.parametrize("distribution, correlation", [("gaussian", 0.0), ("rademacher", 0.0), ("gaussian", -0.3)])
+def test_a_block_of_rows_equals_those_rows_of_the_whole_matrix(distribution, correlation):
+    sampler, scales = DirectionSampler(distribution, correlation, seed=3), {0: 0.5, 2: -1.0}
+    matrix, whole, block = torch.randn(50, 37), torch.empty(50, 37), torch.empty(11, 37)
+    sampler.add_to(2, [Addition("w", matrix.shape, scales, matrix.view(-1), whole.view(-1))])
+    sampler.add_row_block(2, "w", matrix, 13, block, scales)
+    assert torch.equal(block, whole[13:24])
+    for start, out in ((45, block), (-1, block), (0, torch.empty(11, 36)), (0, torch.empty(11, 37, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="add_row_block needs"):
+            sampler.add_row_block(2, "w", matrix, start, out, scales)
+
+
 def test_add_to_refuses_tensors_that_are_not_flat():
     with pytest.raises(ValueError, match="flat contiguous tensors of 12 entries"):
         DirectionSampler().add_to(0, [Addition("w", (3, 4), {0: 1.0}, torch.zeros(3, 4), torch.zeros(3, 4))])
@@ -295,8 +308,8 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     restored after the probe, also after a forward that raised."""
     model = tiny_llama(layers=2, pad_token_id=255, tie_word_embeddings=tied)  # beyond the rows a batch looks up
     embedding = model.model.embed_tokens
-    assert not ZOEstimator(model)._looks_up_rows(embedding)  # 64 KiB: copied whole
-    monkeypatch.setattr(spsa, "LOOKUP_ROWS_BYTES", 0)  # the tiny table counts as large
+    assert not ZOEstimator(model)._pieces(embedding, [("weight", embedding.weight)])  # 64 KiB: copied whole
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)  # the tiny table counts as large
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     ids[0, :4] = 255  # padding tokens are looked up like any other in a forward
     loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
@@ -306,12 +319,12 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     rows = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     assert len(looked_up) == 2 * 2 * queries and all(len(r) == len(torch.unique(ids)) for r in looked_up)
     assert embedding.padding_idx == 255 and embedding.weight is model.get_parameter("model.embed_tokens.weight")
-    looks_up_rows = ZOEstimator._looks_up_rows
-    monkeypatch.setattr(ZOEstimator, "_looks_up_rows", lambda self, module: False)
+    pieces = ZOEstimator._pieces
+    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
     full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     for a, b in zip(rows, full):
         assert torch.equal(a, b)
-    monkeypatch.setattr(ZOEstimator, "_looks_up_rows", looks_up_rows)
+    monkeypatch.setattr(ZOEstimator, "_pieces", pieces)
     by_keyword = lambda: model(inputs_embeds=embedding(input=ids), labels=ids).loss  # noqa: E731  # whole table
     assert torch.equal(ZOEstimator(model, **settings).probe(by_keyword, 0).losses, full[0])
     for bad in (torch.tensor([[0, 256]]), torch.tensor([[-1, 0]])):  # the lookup's own error, not memory past the table
@@ -323,10 +336,100 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     assert embedding.padding_idx == 255 and isinstance(embedding.weight, nn.Parameter)
 
 
+class WideHeadWithBias(nn.Module):
+    """An embedding and a linear head with a bias, both large once the threshold is lowered."""
+
+    def __init__(self, vocab=300, width=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return torch.log_softmax(self.head(self.embed(ids)), -1).square().mean()
+
+
+@pytest.mark.skipif(philox.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")
+@pytest.mark.parametrize("tied, distribution, correlation", [
+    (True, "gaussian", 0.0), (False, "gaussian", 0.5), (True, "rademacher", 0.0),
+])
+def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(tied, distribution, correlation, monkeypatch):
+    """A large linear layer multiplies by its perturbed weight a block of rows at a time: the probe losses equal
+    those with a full perturbed copy (to float32 rounding: BLAS may sum a narrow product in another order), each
+    block is drawn once per probe forward, and the layer's own forward is back after the probe, also after one
+    that raised. Where the products cannot serve (autocast, gradients), the layer runs its forward on a copy."""
+    model = tiny_llama(layers=2, tie_word_embeddings=tied)  # 256 x 64 head: 64 KiB; attention and MLP 16-32 KiB
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    settings = dict(eps=1e-3, num_queries=2, seed=5, distribution=distribution, correlation=correlation)
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the head (and the embedding) count as large
+    monkeypatch.setattr(spsa, "BLOCK_BYTES", 50 * 64 * 4)  # 256 rows: 6 blocks of 43 rows
+    drawn, add_row_block = [], DirectionSampler.add_row_block
+    monkeypatch.setattr(DirectionSampler, "add_row_block",
+                        lambda self, *a: drawn.append((a[3], len(a[4]))) or add_row_block(self, *a))
+    assert ZOEstimator(model)._pieces(model.lm_head, [("weight", model.lm_head.weight)]) == "blocks"
+    blocks = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
+    assert drawn[:6] == [(start, 43) for start in range(0, 215, 43)] + [(215, 41)] and len(drawn) == 6 * 2 * 2 * 2
+    assert "forward" not in vars(model.lm_head)
+    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
+    for a, b in zip(blocks, full):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        assert not torch.equal(a[0::2], a[1::2])  # the probes did perturb
+    monkeypatch.undo()
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)(loss_fn)()  # noqa: E731
+    with_autocast = ZOEstimator(model, **settings).probe(autocast, 0).losses
+    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    assert torch.equal(with_autocast, ZOEstimator(model, **settings).probe(autocast, 0).losses)  # both on a copy
+    monkeypatch.undo()
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
+    estimator, hidden = ZOEstimator(model, **settings), torch.randn(3, 64, requires_grad=True)
+    with estimator.perturbed(estimator.trainable(), 0, 0, 1e-3):
+        with torch.enable_grad():
+            on_a_copy = model.lm_head(hidden)  # the layer's own forward, under autograd
+        with torch.no_grad():
+            in_blocks = model.lm_head(hidden)
+    assert on_a_copy.requires_grad and not in_blocks.requires_grad
+    torch.testing.assert_close(on_a_copy.detach(), in_blocks, rtol=1e-6, atol=0)
+    model.model.norm.register_forward_pre_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        estimator.probe(loss_fn, 0)
+    assert "forward" not in vars(model.lm_head) and isinstance(model.lm_head.weight, nn.Parameter)
+
+
+@pytest.mark.skipif(philox.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")
+def test_blocks_of_a_linear_layer_with_a_bias_and_a_forward_set_on_it(monkeypatch):
+    """A trainable bias is perturbed with its weight; a layer given a forward of its own after the first probe
+    (accelerate's hooks do that) is copied whole from then on, and its forward is kept."""
+    model, ids = WideHeadWithBias(), torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(spsa, "BLOCK_BYTES", 100 * 32 * 4)  # 3 blocks of 100 rows
+    blocks = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
+    def own_forward(x):
+        return nn.Linear.forward(model.head, x)
+    model.head.forward = own_forward
+    hooked = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
+    assert model.head.forward is own_forward
+    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    full = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
+    torch.testing.assert_close(blocks, full, rtol=1e-6, atol=0)
+    assert torch.equal(hooked, full)
+    model.head.bias.requires_grad_(False)  # the stored bias, unperturbed
+    del model.head.forward
+    monkeypatch.undo()
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)
+    frozen_bias = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
+    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    torch.testing.assert_close(frozen_bias, ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses,
+                               rtol=1e-6, atol=0)
+    assert not torch.equal(frozen_bias, full)
+
+
 def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     """Inference memory: the running module's copies and at most GROUP_BYTES drawn ahead, also at the first
     probe, which guesses the order from the registration order (in which each layer's norms come after its
-    MLP); the tied embedding's full copy only while the LM head runs; and the draws are grouped."""
+    MLP); no full copy of the large tied embedding (rows looked up, the head multiplied in blocks; without the
+    C kernel, a full copy while the LM head runs); and the draws are grouped."""
     model = tiny_llama(hidden=64, layers=4)  # per layer: 4 x 16 KiB attention, 3 x 32 KiB MLP matrices
     monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -334,21 +437,21 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     embedding = model.model.embed_tokens.weight
     alive, draws = [], []
     draw_group = spsa._Perturbation._draw_group
-    early_layers = set(model.model.layers[:-1].modules())  # the head's copy may be drawn ahead from the last one
 
     def measured_draw_group(self, first):
         draw_group(self, first)
         draws.append(first)
         alive.append(sum(copy.numel() * copy.element_size() for copy, _ in self.cache.values()))
-        if first in early_layers and philox.KERNEL is not None:  # the embedding looked up rows: no full copy yet
+        if philox.KERNEL is not None:
             assert all(copy.numel() != embedding.numel() for copy, _ in self.cache.values())
 
     monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
-    monkeypatch.setattr(spsa, "LOOKUP_ROWS_BYTES", 0)  # the tiny table counts as large
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the 64 KiB table counts as large, the layers do not
     for step in range(3):
         alive.clear(), draws.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
-        assert max(alive) <= embedding.numel() * 4 + 100 * 1024 + 128 * 64 * 4  # the head's copy or an MLP's
+        head_copy = 0 if philox.KERNEL is not None else embedding.numel() * 4
+        assert max(alive) <= head_copy + 100 * 1024 + 128 * 64 * 4  # a group ahead and the running MLP's copy
         assert estimator._arena.live == 0 and estimator._arena.offset == 0  # every copy given back
     owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     assert len(draws) < owners / 2, "the copies were drawn one module at a time"

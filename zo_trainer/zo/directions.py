@@ -131,6 +131,22 @@ class DirectionSampler:
         philox.add_rows(matrix, rows, out, [direction_seed(self.seed, step, k, name) for k in chain],
                         [scales.get(k) for k in chain], self.correlation, self.distribution == "rademacher")
 
+    @torch.no_grad()
+    def add_row_block(self, step: int, name: str, matrix: torch.Tensor, start: int, out: torch.Tensor,
+                      scales: dict[int, float]) -> None:
+        """``out = matrix[start : start + len(out)] + Σ_k scales[k]·z_k[those rows]``, bit for bit those rows of
+        `add_to` over the matrix, drawn as one slice (a large linear layer multiplies its perturbed weight a block
+        of rows at a time)."""
+        if not (self.can_add_rows(matrix) and out.dtype == matrix.dtype and out.dim() == 2 and out.is_contiguous()
+                and out.shape[1] == matrix.shape[1] and 0 <= start and start + len(out) <= len(matrix)):
+            raise ValueError(f"add_row_block needs a matrix that add_rows serves and a contiguous block of its rows, "
+                             f"got rows {start}..{start + len(out)} of {out.dtype} {tuple(out.shape)} from "
+                             f"{matrix.dtype} {tuple(matrix.shape)} on {matrix.device}")
+        chain, width = self._links(scales), matrix.shape[1]
+        philox.add_directions([matrix.view(-1)[start * width : (start + len(out)) * width]], [out.view(-1)],
+                              [[direction_seed(self.seed, step, k, name) for k in chain]], [[scales.get(k) for k in chain]],
+                              self.correlation, self.distribution == "rademacher", firsts=[start * width])
+
     def _links(self, scales: dict[int, float]) -> tuple[int, ...]:
         """The queries whose directions are drawn to add ``scales``: every link up to the last for a correlated chain."""
         queries = sorted(scales)

@@ -8,9 +8,11 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
-last, so they are drawn once per forward). An embedding table over 32 MiB perturbs only the rows it
-looks up (on CPU, with the C kernel): a tied embedding's full copy then exists only around the LM head,
-instead of through every layer, where it displaced activations in glibc's heap.
+last, so they are drawn once per forward). A weight over 32 MiB is never copied whole (on CPU, with the
+C kernel): an embedding perturbs only the rows it looks up, and a linear layer (an LM head) multiplies by
+its perturbed weight a block of rows at a time. A tied embedding's full copy, kept from the embedding to
+the LM head, displaced activations in glibc's heap; an LM head's, made afresh at every probe, cost page
+faults (2% of a 20M model's forward), and at large vocabularies it would outweigh the logits.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
@@ -21,6 +23,7 @@ group of modules per call.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .directions import Addition, DirectionSampler
 
@@ -35,7 +39,8 @@ ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
 GROUP_BYTES = 2 * 2**20  # perturbed copies drawn ahead of their modules, at most
 OWN_ALLOCATION_BYTES = 32 * 2**20  # glibc's mmap ceiling: the arena is not sized for modules larger than this
-LOOKUP_ROWS_BYTES = OWN_ALLOCATION_BYTES  # embedding tables above this perturb only the rows they look up
+LARGE_WEIGHT_BYTES = OWN_ALLOCATION_BYTES  # embeddings and linear layers above this perturb their weight in pieces
+BLOCK_BYTES = 8 * 2**20  # rows of a large linear layer's perturbed weight multiplied at a time (smaller blocks: slower products)
 
 
 @dataclass
@@ -92,7 +97,7 @@ class ZOEstimator:
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
         self._owners_key: tuple | None = None  # device and ids of the trainable parameters _owners_value was built for
-        self._owners_value: tuple[dict, dict, set] = ({}, {}, set())
+        self._owners_value: tuple[dict, dict, dict] = ({}, {}, {})
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
 
@@ -173,40 +178,49 @@ class ZOEstimator:
             additions.append(self._addition(p, scales, p.grad))
         self.sampler.add_to(step, additions)
 
-    def _owners(self, trainable) -> tuple[dict, dict, set]:
+    def _owners(self, trainable) -> tuple[dict, dict, dict]:
         """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
-        copy of each parameter (tied weights), and the embeddings that perturb only the rows they look up.
-        Walked once per set of trainable parameters, not once per forward; a new set also resets the guess of
-        the forward order and sizes the arena of perturbed copies for it."""
+        copy of each parameter (tied weights), and the modules that perturb a large weight in pieces (module ->
+        "rows" or "blocks", see `_pieces`). Walked once per set of trainable parameters, not once per forward; a
+        new set also resets the guess of the forward order and sizes the arena of perturbed copies for it."""
         key = (trainable[0][1].device, *((id(p), p.dtype) for _, p in trainable))  # the device: the arena lives there
         if self._owners_key != key:
             owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
-            rows_only = set()
+            pieces = {}
             for module in self.model.modules():
                 for local_name, p in module.named_parameters(recurse=False):
                     if id(p) in ids:
                         owned[module].append((local_name, p))
-                if module in owned and self._looks_up_rows(module):
-                    rows_only.add(module)
+                kind = self._pieces(module, owned[module]) if module in owned else None
+                if kind:
+                    pieces[module] = kind
                 elif module in owned:
                     for _, p in owned[module]:
                         users[id(p)] += 1
-            self._owners_key, self._owners_value = key, (dict(owned), dict(users), rows_only)
+            self._owners_key, self._owners_value = key, (dict(owned), dict(users), pieces)
             self._forward_order = list(owned)  # until a probe forward records the real order
             self._enclosing = set()
             sizes = [sum(p.numel() * p.element_size() for _, p in params)
-                     for module, params in owned.items() if module not in rows_only]
+                     for module, params in owned.items() if module not in pieces]
+            sizes += [BLOCK_BYTES] * ("blocks" in pieces.values())
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
         return self._owners_value
 
-    def _looks_up_rows(self, module: nn.Module) -> bool:
-        """A plain `nn.Embedding` (its forward is a lookup of ``input`` in ``weight``, nothing else) whose
-        direction the sampler can draw row by row, and whose table is large enough for a full copy to matter:
-        a small table is cheaper to copy whole than to renumber a batch's tokens for."""
-        return (type(module).forward is nn.Embedding.forward and "forward" not in vars(module) and module.max_norm is None
-                and module.weight.numel() * module.weight.element_size() > LOOKUP_ROWS_BYTES
-                and self.sampler.can_add_rows(module.weight))
+    def _pieces(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> str | None:
+        """How ``module`` perturbs its weight without a full copy: "rows" for a plain `nn.Embedding` (its forward
+        is a lookup of ``input`` in ``weight``, nothing else), "blocks" for a plain `nn.Linear`; None (a full copy)
+        for any other module, for a weight the sampler cannot draw row by row, and for a small weight, cheaper to
+        copy whole than to renumber a batch's tokens for or to multiply in blocks."""
+        weight = getattr(module, "weight", None)
+        if not any(p is weight for _, p in params) or weight.numel() * weight.element_size() <= LARGE_WEIGHT_BYTES \
+                or not self.sampler.can_add_rows(weight):
+            return None
+        if type(module).forward is nn.Embedding.forward and module.max_norm is None:
+            return "rows"
+        if type(module).forward is nn.Linear.forward and all(p.dtype == weight.dtype for _, p in params):
+            return "blocks"
+        return None
 
     def name_of(self, p: nn.Parameter) -> str:
         return self._names[id(p)]
@@ -229,7 +243,14 @@ class _Perturbation:
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
         self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
-        self.owned, self.users, self.rows_only = estimator._owners(trainable)
+        self.owned, self.users, pieces = estimator._owners(trainable)
+        # a forward set on the instance since (accelerate's hooks) is not the plain one: that module is copied whole
+        self.pieces = {module: kind for module, kind in pieces.items() if "forward" not in vars(module)}
+        if len(self.pieces) < len(pieces):
+            self.users = dict(self.users)
+            for module in pieces.keys() - self.pieces.keys():
+                for _, p in self.owned[module]:
+                    self.users[id(p)] = self.users.get(id(p), 0) + 1
 
     def __enter__(self):
         self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
@@ -244,11 +265,17 @@ class _Perturbation:
         for module in self.owned:
             self.handles.append(module.register_forward_pre_hook(self._swap_in))
             self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
+        for module, kind in self.pieces.items():
+            if kind == "blocks":
+                module.forward = functools.partial(self._multiply_in_blocks, module)
         return self
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+        for module, kind in self.pieces.items():
+            if kind == "blocks":
+                del module.forward
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
             for local_name, p in params:
                 module._parameters[local_name] = p
@@ -264,8 +291,10 @@ class _Perturbation:
         self.estimator._enclosing.update(self.running)  # modules still running enclose this one
         self.running.append(module)
         self.ahead_bytes -= self.ahead.pop(module, 0)
-        if module in self.rows_only:
+        if self.pieces.get(module) == "rows":
             return self._look_up_perturbed_rows(module, args)
+        if self.pieces.get(module) == "blocks":
+            return None  # its forward draws the blocks
         if any(id(p) not in self.cache for _, p in self.owned[module]):
             self._draw_group(module)
         for local_name, p in self.owned[module]:
@@ -294,11 +323,47 @@ class _Perturbation:
         module.padding_idx = None  # only the gradient reads it, and it may exceed the rows looked up
         return (ranks, *args[1:])
 
+    def _multiply_in_blocks(self, module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        """The forward of a large `nn.Linear` in the probe: ``input @ (weight + δz)ᵀ + (bias + δz_b)`` one block of
+        output features at a time, each block of rows of the perturbed weight drawn into the arena right before its
+        product. Each output entry is still the dot product of its input row with its weight row, so the output
+        equals the full copy's bit for bit (the tests check it with this build's BLAS)."""
+        estimator, weight, scales = self.estimator, module.weight, {self.query: self.delta}
+        bias = module.bias
+        if any(name == "bias" for name, _ in self.owned[module]):
+            bias = _empty_like(module.bias)
+            estimator.sampler.add_to(self.step, [estimator._addition(module.bias, scales, module.bias, bias)])
+        if not (isinstance(input, torch.Tensor) and input.dtype == weight.dtype and input.device == weight.device
+                and input.dim() and input.shape[-1] == weight.shape[1] and input.numel()
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled(input.device.type)):
+            copy = _empty_like(weight)  # what the products into `out` cannot serve: the layer's own forward, on a copy
+            estimator.sampler.add_to(self.step, [estimator._addition(weight, scales, weight, copy)])
+            return F.linear(input, copy, bias)
+        blocks = -(-weight.numel() * weight.element_size() // BLOCK_BYTES)
+        rows = -(-weight.shape[0] // blocks)  # blocks of equal width: a narrow last one would be a slower product
+        block = estimator._arena.take(weight[:rows])
+        out = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
+        inputs, outputs = input.reshape(-1, weight.shape[1]), out.view(-1, weight.shape[0])
+        for start in range(0, weight.shape[0], rows):
+            perturbed = block[: min(rows, weight.shape[0] - start)]
+            estimator.sampler.add_row_block(self.step, estimator.name_of(weight), weight.detach(), start, perturbed, scales)
+            columns = outputs[:, start : start + len(perturbed)]
+            if bias is None:
+                torch.mm(inputs, perturbed.T, out=columns)
+            else:
+                torch.addmm(bias[start : start + len(perturbed)], inputs, perturbed.T, out=columns)
+        estimator._arena.release(block)
+        return out
+
     def _swap_out(self, module, args, output):
+        if module not in self.running:  # a pre-hook before ours raised: nothing was swapped in
+            return output
         self.running.remove(module)
-        if module in self.rows_only:
+        if self.pieces.get(module) == "rows":
             module._parameters["weight"] = self.owned[module][0][1]
             module.padding_idx = self.padding.pop(module)
+            return output
+        if self.pieces.get(module) == "blocks":
             return output
         for local_name, p in self.owned[module]:
             module._parameters[local_name] = p
@@ -317,8 +382,8 @@ class _Perturbation:
         additions = []
         for module in [first] if start is None else self.order[start:]:
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
-            if module is not first and (module in self.fired or not missing or module in self.rows_only):
-                continue  # ran already, drawn already, or looks up rows when it runs
+            if module is not first and (module in self.fired or not missing or module in self.pieces):
+                continue  # ran already, drawn already, or draws its pieces when it runs
             nbytes = sum(p.numel() * p.element_size() for p in missing)
             if module is not first:
                 if self.ahead_bytes + nbytes > GROUP_BYTES:
