@@ -5,9 +5,11 @@
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,mezo_q1 --repeats 31   # the target, tighter
     python benchmarks/bench_zo_step.py --models small,20m,1b     # on a GPU (CUDA is used when present)
+    python benchmarks/bench_zo_step.py --models 128k-vocab --kinds zo_q1,mezo_q1 --repeats 5   # a head larger than its logits
 
 Random-init Llama models (no download): "small" (1.3M params, batch 8x128), "20m" (the paper's llama2-20m,
-20.0M params, batch 8x256) and, for GPUs, "1b" (TinyLlama's shape, 1.1B params, batch 8x256). For each it reports
+20.0M params, batch 8x256), "128k-vocab" (Llama 3's vocabulary, 157M params, 1x512 tokens: a head larger than
+its logits) and, for GPUs, "1b" (TinyLlama's shape, 1.1B params, batch 8x256). For each it reports
 
 * time (median of --repeats after one warm-up; the kinds are interleaved round-robin within each
   repeat so that load drifting on a shared machine hits every kind alike): two forwards back to back
@@ -47,12 +49,17 @@ from zo_trainer.zo import ZOSGD, ZOEstimator
 
 TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+WIDE_VOCAB = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=128256, max_position_embeddings=2048, tie_word_embeddings=True)
 MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
     "small": (PRESETS["llama-tiny"], 8, 128),
     "20m": (PRESETS["llama2-20m"], 8, 256),
     "1b": (TINYLLAMA_1B, 8, 256),  # TinyLlama's shape, 1.1B params: for GPUs (FO-AdamW needs ~18 GB)
+    # Llama 3's 128k vocabulary on a small body, 512 tokens: the tied head's weight (525 MB) outweighs the logits
+    # (263 MB), as at Llama 3 8B with a micro-batch of 2048 tokens; where a full perturbed copy of the head would set the peak
+    "128k-vocab": (WIDE_VOCAB, 1, 512),
 }
-DEFAULT_REPEATS = {"small": 9, "20m": 7, "1b": 7}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
+DEFAULT_REPEATS = {"small": 9, "20m": 7, "1b": 7, "128k-vocab": 5}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
 MEM_KINDS = ("inference", "zo", "fo_sgd", "fo_adamw")
 QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "mezo_q1": 1, "mezo_q4": 4}

@@ -202,7 +202,6 @@ class ZOEstimator:
             self._enclosing = set()
             sizes = [sum(p.numel() * p.element_size() for _, p in params)
                      for module, params in owned.items() if module not in pieces]
-            sizes += [BLOCK_BYTES] * ("blocks" in pieces.values())
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
         return self._owners_value
@@ -324,10 +323,12 @@ class _Perturbation:
         return (ranks, *args[1:])
 
     def _multiply_in_blocks(self, module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-        """The forward of a large `nn.Linear` in the probe: ``input @ (weight + δz)ᵀ + (bias + δz_b)`` one block of
-        output features at a time, each block of rows of the perturbed weight drawn into the arena right before its
-        product. Each output entry is still the dot product of its input row with its weight row, so the output
-        equals the full copy's bit for bit (the tests check it with this build's BLAS)."""
+        """The forward of a large `nn.Linear` in the probe: ``input @ (weight + δz)ᵀ + (bias + δz_b)``, one block of
+        output features at a time, each block of rows of the perturbed weight drawn right before its product into one
+        buffer of at most ~BLOCK_BYTES. The buffer comes from the heap space the layers' activations left and is
+        freed before the loss (one kept in the arena would sit under the loss's peak). Each output entry is still
+        one dot product of an input row with a perturbed weight row; the BLAS may sum a narrow product in another
+        order than a wide one, so the output equals a full copy's to float32 rounding (the tests check it)."""
         estimator, weight, scales = self.estimator, module.weight, {self.query: self.delta}
         bias = module.bias
         if any(name == "bias" for name, _ in self.owned[module]):
@@ -341,7 +342,7 @@ class _Perturbation:
             return F.linear(input, copy, bias)
         blocks = -(-weight.numel() * weight.element_size() // BLOCK_BYTES)
         rows = -(-weight.shape[0] // blocks)  # blocks of equal width: a narrow last one would be a slower product
-        block = estimator._arena.take(weight[:rows])
+        block = _empty_like(weight[:rows])
         out = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
         inputs, outputs = input.reshape(-1, weight.shape[1]), out.view(-1, weight.shape[0])
         for start in range(0, weight.shape[0], rows):
@@ -352,7 +353,6 @@ class _Perturbation:
                 torch.mm(inputs, perturbed.T, out=columns)
             else:
                 torch.addmm(bias[start : start + len(perturbed)], inputs, perturbed.T, out=columns)
-        estimator._arena.release(block)
         return out
 
     def _swap_out(self, module, args, output):
