@@ -37,6 +37,12 @@ class CopyOnlySampler(DirectionSampler):
             if a.target is not a.source:
                 a.target.copy_(a.source)
 
+    def add_rows(self, step, name, matrix, rows, out, scales):
+        torch.index_select(matrix, 0, rows, out=out)
+
+    def add_row_block(self, step, name, matrix, start, out, scales):
+        out.copy_(matrix[start : start + len(out)])
+
 
 def kernel_calls(estimator: ZOEstimator, probe) -> int:
     """How many `DirectionSampler.add_to` calls ``probe()`` makes through ``estimator``."""
