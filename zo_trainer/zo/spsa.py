@@ -11,8 +11,8 @@ ahead for the modules after it (tied weights excepted: their copy is kept from t
 last, so they are drawn once per forward). A weight over 32 MiB is never copied whole (on CPU, with the
 C kernel): an embedding perturbs only the rows it looks up, and a linear layer (an LM head) multiplies by
 its perturbed weight a block of rows at a time. A tied embedding's full copy, kept from the embedding to
-the LM head, displaced activations in glibc's heap; an LM head's, made afresh at every probe, cost 10,000
-page faults a probe at 20M, and where the head outweighs the logits (large vocabularies) it set the peak.
+the LM head, displaced activations in glibc's heap; an LM head's, made afresh at every probe, cost fresh
+pages each time, and where the head outweighs the logits (large vocabularies) it set the peak.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
