@@ -1,6 +1,7 @@
 """The ZO engine against independent references: analytic gradients, a naive SPSA that materialises z."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -378,7 +379,11 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
     monkeypatch.undo()
     monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)(loss_fn)()  # noqa: E731
+    drawn.clear()
+    monkeypatch.setattr(DirectionSampler, "add_row_block",
+                        lambda self, *a: drawn.append((a[3], len(a[4]))) or add_row_block(self, *a))
     with_autocast = ZOEstimator(model, **settings).probe(autocast, 0).losses
+    assert drawn == []  # no blocks under autocast: the head ran its own forward on a copy
     monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
     assert torch.equal(with_autocast, ZOEstimator(model, **settings).probe(autocast, 0).losses)  # both on a copy
     monkeypatch.undo()
@@ -391,10 +396,28 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
             in_blocks = model.lm_head(hidden)
     assert on_a_copy.requires_grad and not in_blocks.requires_grad
     torch.testing.assert_close(on_a_copy.detach(), in_blocks, rtol=1e-6, atol=0)
-    model.model.norm.register_forward_pre_hook(lambda *_: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+
+    def assert_restored():
+        assert "forward" not in vars(model.lm_head) and model.model.embed_tokens.padding_idx is None
+        assert all(isinstance(p, nn.Parameter) and torch.equal(p, weights[name]) for name, p in model.named_parameters())
+        assert estimator._arena.live == 0 and estimator._arena.offset == 0
+
+    def raise_in_a_block(*_):
+        raise RuntimeError("in a block")
+
+    monkeypatch.setattr(DirectionSampler, "add_row_block", raise_in_a_block)  # inside the head's own forward
+    with pytest.raises(RuntimeError, match="in a block"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hook's error would be silenced into a warning
         estimator.probe(loss_fn, 0)
-    assert "forward" not in vars(model.lm_head) and isinstance(model.lm_head.weight, nn.Parameter)
+    assert_restored()
+    monkeypatch.undo()
+    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
+    model.model.norm.register_forward_pre_hook(lambda *_: 1 / 0)  # before ours: the norm's swap-in never runs
+    with pytest.raises(ZeroDivisionError), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimator.probe(loss_fn, 0)
+    assert_restored()
 
 
 @pytest.mark.skipif(philox.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")

@@ -8,9 +8,10 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
-last, so they are drawn once per forward). A weight over 32 MiB is never copied whole (on CPU, with the
-C kernel): an embedding perturbs only the rows it looks up, and a linear layer (an LM head) multiplies by
-its perturbed weight a block of rows at a time. A tied embedding's full copy, kept from the embedding to
+last, so they are drawn once per forward). On CPU with the C kernel, a plain `nn.Embedding` or `nn.Linear`
+whose weight is over 32 MiB does not copy it whole: an embedding perturbs only the rows it looks up, a
+linear layer (an LM head) multiplies by its perturbed weight a block of rows at a time (each falls back to
+a full copy where its pieces cannot serve: see `_pieces`, `_look_up_perturbed_rows`, `_multiply_in_blocks`). A tied embedding's full copy, kept from the embedding to
 the LM head, displaced activations in glibc's heap; an LM head's, made afresh at every probe, cost fresh
 pages each time, and where the head outweighs the logits (large vocabularies) it set the peak.
 
@@ -242,7 +243,10 @@ class _Perturbation:
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
         self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
-        self.owned, self.users, pieces = estimator._owners(trainable)
+        self.trainable = trainable
+
+    def __enter__(self):
+        self.owned, self.users, pieces = self.estimator._owners(self.trainable)
         # a forward set on the instance since (accelerate's hooks) is not the plain one: that module is copied whole
         self.pieces = {module: kind for module, kind in pieces.items() if "forward" not in vars(module)}
         if len(self.pieces) < len(pieces):
@@ -250,8 +254,6 @@ class _Perturbation:
             for module in pieces.keys() - self.pieces.keys():
                 for _, p in self.owned[module]:
                     self.users[id(p)] = self.users.get(id(p), 0) + 1
-
-    def __enter__(self):
         self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
         self.order = self.estimator._forward_order
         self.position = {module: i for i, module in enumerate(self.order)}
@@ -264,17 +266,15 @@ class _Perturbation:
         for module in self.owned:
             self.handles.append(module.register_forward_pre_hook(self._swap_in))
             self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
-        for module, kind in self.pieces.items():
-            if kind == "blocks":
-                module.forward = functools.partial(self._multiply_in_blocks, module)
+        self.forwards = {module: functools.partial(self._multiply_in_blocks, module)
+                         for module, kind in self.pieces.items() if kind == "blocks"}
+        for module, forward in self.forwards.items():
+            module.forward = forward
         return self
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-        for module, kind in self.pieces.items():
-            if kind == "blocks":
-                del module.forward
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
             for local_name, p in params:
                 module._parameters[local_name] = p
@@ -284,6 +284,9 @@ class _Perturbation:
         self.estimator._arena.reset()  # no copy outlives the context, also after a forward that raised
         unseen = [module for module in self.owned if module not in self.fired]
         self.estimator._forward_order = [*self.fired, *unseen]
+        for module, forward in self.forwards.items():
+            if vars(module).get("forward") is forward:  # not one set on top of ours since
+                del module.forward
 
     def _swap_in(self, module, args):
         self.fired[module] = None
@@ -329,13 +332,14 @@ class _Perturbation:
         freed before the loss (one kept in the arena would sit under the loss's peak). Each output entry is still
         one dot product of an input row with a perturbed weight row; the BLAS may sum a narrow product in another
         order than a wide one, so the output equals a full copy's to float32 rounding (the tests check it)."""
-        estimator, weight, scales = self.estimator, module.weight, {self.query: self.delta}
-        bias = module.bias
-        if any(name == "bias" for name, _ in self.owned[module]):
-            bias = _empty_like(module.bias)
-            estimator.sampler.add_to(self.step, [estimator._addition(module.bias, scales, module.bias, bias)])
+        estimator, scales, params = self.estimator, {self.query: self.delta}, dict(self.owned[module])
+        weight, bias = params["weight"], module.bias  # the stored weight, whatever a nested probe swapped in
+        if "bias" in params:
+            bias = _empty_like(params["bias"])
+            estimator.sampler.add_to(self.step, [estimator._addition(params["bias"], scales, params["bias"], bias)])
         if not (isinstance(input, torch.Tensor) and input.dtype == weight.dtype and input.device == weight.device
                 and input.dim() and input.shape[-1] == weight.shape[1] and input.numel()
+                and estimator.sampler.can_add_rows(weight)
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(input.device.type)):
             copy = _empty_like(weight)  # what the products into `out` cannot serve: the layer's own forward, on a copy
             estimator.sampler.add_to(self.step, [estimator._addition(weight, scales, weight, copy)])
