@@ -8,12 +8,13 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
-last, so they are drawn once per forward). On CPU with the C kernel, a plain `nn.Embedding` or `nn.Linear`
-whose weight is over 32 MiB does not copy it whole: an embedding perturbs only the rows it looks up, a
-linear layer (an LM head) multiplies by its perturbed weight a block of rows at a time (each falls back to
-a full copy where its pieces cannot serve: see `_pieces`, `_look_up_perturbed_rows`, `_multiply_in_blocks`). A tied embedding's full copy, kept from the embedding to
-the LM head, displaced activations in glibc's heap; an LM head's, made afresh at every probe, cost fresh
-pages each time, and where the head outweighs the logits (large vocabularies) it set the peak.
+last, so they are drawn once per forward). On CPU with the C kernel, a plain `nn.Embedding` or
+`nn.Linear` whose weight is over 32 MiB does not copy it whole: an embedding perturbs only the rows it
+looks up, a linear layer (an LM head) multiplies by its perturbed weight a block of rows at a time (each
+falls back to a full copy where its pieces cannot serve: see `_pieces`, `_look_up_perturbed_rows`,
+`_multiply_in_blocks`). A tied embedding's full copy, kept from the embedding to the LM head, displaced
+activations in glibc's heap; an LM head's, made afresh at every probe, cost fresh pages each time, and
+where the head outweighs the logits (large vocabularies) it set the peak.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
