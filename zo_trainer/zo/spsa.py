@@ -315,9 +315,7 @@ class _Perturbation:
             if rows[0] < 0 or rows[-1] >= weight.shape[0]:
                 rows = None
         if rows is None:  # a keyword input, or ids the lookup itself must reject: perturb the whole table
-            copy = _empty_like(weight)
-            self.estimator.sampler.add_to(self.step, [self.estimator._addition(weight, {self.query: self.delta}, weight, copy)])
-            module._parameters["weight"] = copy
+            module._parameters["weight"] = self._perturbed_copy(weight)
             return None
         compact = torch.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
         self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows.long(), compact,
@@ -333,32 +331,35 @@ class _Perturbation:
         freed before the loss (one kept in the arena would sit under the loss's peak). Each output entry is still
         one dot product of an input row with a perturbed weight row; the BLAS may sum a narrow product in another
         order than a wide one, so the output equals a full copy's to float32 rounding (the tests check it)."""
-        estimator, scales, params = self.estimator, {self.query: self.delta}, dict(self.owned[module])
-        weight, bias = params["weight"], module.bias  # the stored weight, whatever a nested probe swapped in
-        if "bias" in params:
-            bias = _empty_like(params["bias"])
-            estimator.sampler.add_to(self.step, [estimator._addition(params["bias"], scales, params["bias"], bias)])
+        params = dict(self.owned[module])
+        weight = params["weight"]  # the stored weight, whatever a nested probe swapped in
+        bias = self._perturbed_copy(params["bias"]) if "bias" in params else module.bias
         if not (isinstance(input, torch.Tensor) and input.dtype == weight.dtype and input.device == weight.device
                 and input.dim() and input.shape[-1] == weight.shape[1] and input.numel()
-                and estimator.sampler.can_add_rows(weight)
+                and self.estimator.sampler.can_add_rows(weight)
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(input.device.type)):
-            copy = _empty_like(weight)  # what the products into `out` cannot serve: the layer's own forward, on a copy
-            estimator.sampler.add_to(self.step, [estimator._addition(weight, scales, weight, copy)])
-            return F.linear(input, copy, bias)
+            return F.linear(input, self._perturbed_copy(weight), bias)  # what the products into `out` cannot serve
         blocks = -(-weight.numel() * weight.element_size() // BLOCK_BYTES)
         rows = -(-weight.shape[0] // blocks)  # blocks of equal width: a narrow last one would be a slower product
         block = _empty_like(weight[:rows])
         out = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
         inputs, outputs = input.reshape(-1, weight.shape[1]), out.view(-1, weight.shape[0])
+        name, stored = self.estimator.name_of(weight), weight.detach()
         for start in range(0, weight.shape[0], rows):
             perturbed = block[: min(rows, weight.shape[0] - start)]
-            estimator.sampler.add_row_block(self.step, estimator.name_of(weight), weight.detach(), start, perturbed, scales)
+            self.estimator.sampler.add_row_block(self.step, name, stored, start, perturbed, {self.query: self.delta})
             columns = outputs[:, start : start + len(perturbed)]
             if bias is None:
                 torch.mm(inputs, perturbed.T, out=columns)
             else:
                 torch.addmm(bias[start : start + len(perturbed)], inputs, perturbed.T, out=columns)
         return out
+
+    def _perturbed_copy(self, p: nn.Parameter) -> torch.Tensor:
+        """``p + δz`` in a tensor of its own (for what the pieces of a large weight cannot serve)."""
+        copy = _empty_like(p)
+        self.estimator.sampler.add_to(self.step, [self.estimator._addition(p, {self.query: self.delta}, p, copy)])
+        return copy
 
     def _swap_out(self, module, args, output):
         if module not in self.running:  # a pre-hook before ours raised: nothing was swapped in
