@@ -216,12 +216,16 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
     for (int32_t k = 0; k < chain; k++) {
         for (int64_t part = 0; part < (shift ? 2 : 1); part++)  /* one call site: inlined into each clone */
             draw_tile(seeds[k], start - shift + part * TILE, rademacher, drawn + part * TILE);
-        if (k > 0 && alpha != 0.0f)  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
-            for (int i = 0; i < TILE; i++) z[i] = alpha * z[i] + beta * w[i];
-        else
-            memcpy(z, w, sizeof z);
+        const float *z_k = w;
+        if (alpha != 0.0f && chain > 1) {  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
+            if (k == 0)
+                memcpy(z, w, sizeof z);
+            else
+                for (int i = 0; i < TILE; i++) z[i] = alpha * z[i] + beta * w[i];
+            z_k = z;
+        }
         if (used[k])
-            for (int i = 0; i < TILE; i++) acc[i] = acc[i] + scales[k] * z[i];
+            for (int i = 0; i < TILE; i++) acc[i] = acc[i] + scales[k] * z_k[i];
     }
     for (int64_t i = 0; i < size; i++) target[offset + i] = acc[i];
 }
