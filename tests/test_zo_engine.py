@@ -522,17 +522,19 @@ def test_copies_that_outlive_their_group_do_not_pin_the_arena(monkeypatch):
 def test_the_arena_reuses_its_buffer_once_empty_and_allocates_what_does_not_fit():
     arena = spsa._CopyArena(1000, torch.device("cpu"))
     base = arena.buffer.data_ptr()
-    a = arena.take(torch.zeros(10))
-    b = arena.take(torch.zeros(3, 4, dtype=torch.bfloat16))
+    a, _ = arena.take(torch.zeros(10))
+    b, b_flat = arena.take(torch.zeros(3, 4, dtype=torch.bfloat16))
     assert (a.data_ptr(), b.data_ptr(), b.shape, b.dtype) == (base, base + 64, (3, 4), torch.bfloat16)
-    big = arena.take(torch.zeros(300))  # 1200 bytes: its own allocation
-    assert not base <= big.data_ptr() < base + 1000 and big.shape == (300,)
+    assert (b_flat.data_ptr(), b_flat.shape, b_flat.dtype) == (base + 64, (12,), torch.bfloat16)
+    big, big_flat = arena.take(torch.zeros(300))  # 1200 bytes: its own allocation
+    assert not base <= big.data_ptr() < base + 1000 and big.shape == (300,) and big_flat.data_ptr() == big.data_ptr()
     arena.release(a), arena.release(big)
-    assert arena.take(torch.zeros(1)).data_ptr() == base + 128  # b is still alive: no reuse yet
+    assert arena.take(torch.zeros(1))[0].data_ptr() == base + 128  # b is still alive: no reuse yet
     arena.release(b)
     assert arena.live == 1
     arena.release(arena.buffer[128:132].view(torch.float32))
-    assert arena.take(torch.zeros(1)).data_ptr() == base  # empty: from the start again
+    again, _ = arena.take(torch.zeros(10))  # empty: from the start again, the same view as a's
+    assert again is a
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])

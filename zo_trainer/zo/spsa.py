@@ -98,8 +98,9 @@ class ZOEstimator:
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
-        self._owners_key: tuple | None = None  # device and ids of the trainable parameters _owners_value was built for
+        self._owners_key: tuple | None = None  # device, ids and storage of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict, dict] = ({}, {}, {})
+        self._flat: dict[int, torch.Tensor] = {}  # id(p) -> flat view of p, for the trainable parameters of _owners_key
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
 
@@ -184,9 +185,11 @@ class ZOEstimator:
         """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
         copy of each parameter (tied weights), and the modules that perturb a large weight in pieces (module ->
         "rows" or "blocks", see `_pieces`). Walked once per set of trainable parameters, not once per forward; a
-        new set also resets the guess of the forward order and sizes the arena of perturbed copies for it."""
-        key = (trainable[0][1].device, *((id(p), p.dtype) for _, p in trainable))  # the device: the arena lives there
+        new set also resets the guess of the forward order, sizes the arena of perturbed copies for it and takes
+        the flat views the draws read (the storage is in the key: ``p.data = ...`` gives p another)."""
+        key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
         if self._owners_key != key:
+            self._flat = {id(p): _flat_view(p) for _, p in trainable}
             owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
             pieces = {}
             for module in self.model.modules():
@@ -244,6 +247,7 @@ class _Perturbation:
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
         self.estimator, self.step, self.query, self.delta = estimator, step, query, delta
+        self.scales = {query: delta}
         self.trainable = trainable
 
     def __enter__(self):
@@ -319,7 +323,7 @@ class _Perturbation:
             return None
         compact = torch.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
         self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows.long(), compact,
-                                        {self.query: self.delta})
+                                        self.scales)
         module._parameters["weight"] = compact
         module.padding_idx = None  # only the gradient reads it, and it may exceed the rows looked up
         return (ranks, *args[1:])
@@ -347,7 +351,7 @@ class _Perturbation:
         name, stored = self.estimator.name_of(weight), weight.detach()
         for start in range(0, weight.shape[0], rows):
             perturbed = block[: min(rows, weight.shape[0] - start)]
-            self.estimator.sampler.add_row_block(self.step, name, stored, start, perturbed, {self.query: self.delta})
+            self.estimator.sampler.add_row_block(self.step, name, stored, start, perturbed, self.scales)
             columns = outputs[:, start : start + len(perturbed)]
             if bias is None:
                 torch.mm(inputs, perturbed.T, out=columns)
@@ -358,7 +362,7 @@ class _Perturbation:
     def _perturbed_copy(self, p: nn.Parameter) -> torch.Tensor:
         """``p + δz`` in a tensor of its own (for what the pieces of a large weight cannot serve)."""
         copy = _empty_like(p)
-        self.estimator.sampler.add_to(self.step, [self.estimator._addition(p, {self.query: self.delta}, p, copy)])
+        self.estimator.sampler.add_to(self.step, [self.estimator._addition(p, self.scales, p, copy)])
         return copy
 
     def _swap_out(self, module, args, output):
@@ -399,8 +403,12 @@ class _Perturbation:
             # a copy that outlives its group (a tied weight's, an enclosing module's) gets its own allocation
             outlives = module in self.estimator._enclosing
             for p in missing:
-                out = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else _empty_like(p)
-                additions.append(self.estimator._addition(p, {self.query: self.delta}, p, out))
+                if self.users[id(p)] == 1 and not outlives:
+                    out, flat = self.estimator._arena.take(p)
+                else:
+                    out = _empty_like(p)
+                    flat = out.view(-1)
+                additions.append(Addition(self.estimator.name_of(p), p.shape, self.scales, self.estimator._flat[id(p)], flat))
                 self.cache[id(p)] = (out, self.users[id(p)])
         self.estimator.sampler.add_to(self.step, additions)
 
@@ -420,14 +428,21 @@ class _CopyArena:
     def __init__(self, nbytes: int, device: torch.device):
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.offset = self.live = 0
+        self.views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the same copies recur at every forward
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
+    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An uninitialised tensor shaped like ``like``, and its flat view."""
         nbytes = like.numel() * like.element_size()
         start = -(-self.offset // self.ALIGN) * self.ALIGN
         if like.device != self.buffer.device or start + nbytes > self.buffer.numel():
-            return _empty_like(like)
+            copy = _empty_like(like)
+            return copy, copy.view(-1)
         self.offset, self.live = start + nbytes, self.live + 1
-        return self.buffer[start : start + nbytes].view(like.dtype).view(like.shape)
+        key = (start, like.shape, like.dtype)
+        if key not in self.views:
+            flat = self.buffer[start : start + nbytes].view(like.dtype)
+            self.views[key] = flat.view(like.shape), flat
+        return self.views[key]
 
     def reset(self) -> None:
         self.offset = self.live = 0
