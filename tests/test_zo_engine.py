@@ -363,13 +363,13 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
     loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     settings = dict(eps=1e-3, num_queries=2, seed=5, distribution=distribution, correlation=correlation)
     monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the head (and the embedding) count as large
-    monkeypatch.setattr(spsa, "BLOCK_BYTES", 50 * 64 * 4)  # 256 rows: 6 blocks of 43 rows
+    monkeypatch.setattr(spsa, "BLOCK_BYTES", 50 * 64 * 4)  # 256 rows: 6 blocks, 43 rows rounded up to 48
     drawn, add_row_block = [], DirectionSampler.add_row_block
     monkeypatch.setattr(DirectionSampler, "add_row_block",
                         lambda self, *a: drawn.append((a[3], len(a[4]))) or add_row_block(self, *a))
     assert ZOEstimator(model)._pieces(model.lm_head, [("weight", model.lm_head.weight)]) == "blocks"
     blocks = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
-    assert drawn[:6] == [(start, 43) for start in range(0, 215, 43)] + [(215, 41)] and len(drawn) == 6 * 2 * 2 * 2
+    assert drawn[:6] == [(start, 48) for start in range(0, 240, 48)] + [(240, 16)] and len(drawn) == 6 * 2 * 2 * 2
     assert "forward" not in vars(model.lm_head)
     monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
     full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
@@ -426,7 +426,7 @@ def test_blocks_of_a_linear_layer_with_a_bias_and_a_forward_set_on_it(monkeypatc
     (accelerate's hooks do that) is copied whole from then on, and its forward is kept."""
     model, ids = WideHeadWithBias(), torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(spsa, "BLOCK_BYTES", 100 * 32 * 4)  # 3 blocks of 100 rows
+    monkeypatch.setattr(spsa, "BLOCK_BYTES", 100 * 32 * 4)  # 300 rows: blocks of 112, 112 and 76 rows
     blocks = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
     def own_forward(x):
         return nn.Linear.forward(model.head, x)
