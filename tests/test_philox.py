@@ -167,11 +167,12 @@ def test_one_call_over_many_tensors_equals_one_call_each(kernel, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("is_rademacher", [False, True])
 def test_slices_and_matrix_rows_drawn_from_any_entry_equal_the_torch_code(is_rademacher):
-    """The kernel's tiles start at multiples of 256; a slice that starts inside one (a row of a matrix) is cut from
-    the two it straddles. Reference: the torch code, which draws any entry on its own."""
+    """The kernel's tiles start at multiples of 256; a slice that starts or ends inside one (a row of a matrix, or
+    a slice within one tile) adds the part of the tile it overlaps. Reference: the torch code, which draws any
+    entry on its own."""
     g = torch.Generator().manual_seed(4)
     seeds, scales, correlation = [21, 2**64 - 3], [None, 0.125], 0.6
-    for first, count in ((37, 1000), (255, 1), (1000 * 320 + 64, 320), (513, 300_001)):
+    for first, count in ((37, 1000), (255, 1), (300, 50), (1000 * 320 + 64, 320), (513, 300_001)):
         source = torch.randn(count, generator=g)
         kernel, torch_code = torch.empty(count), torch.empty(count)
         philox.add_directions([source], [kernel], [seeds], [scales], correlation, is_rademacher, firsts=[first])

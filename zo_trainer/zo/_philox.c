@@ -204,18 +204,24 @@ static inline __attribute__((always_inline)) void draw_tile(uint64_t seed, int64
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
+/* Tile `tile` of the directions (entries [tile * TILE, (tile + 1) * TILE)), drawn once, added where it
+ * overlaps the slice [first, first + n): target[i - first] = source[i - first] + sum_k scales[k] * z_k[i].
+ * A slice that starts inside a tile (a row of a matrix) shares its first and last tiles with its neighbours. */
 static void add_tile(const float *source, float *target, int64_t first, int64_t n, int64_t tile,
                      int32_t chain, const uint64_t *seeds, const float *scales, const uint8_t *used,
                      float alpha, float beta, int32_t rademacher) {
-    float acc[TILE], z[TILE], drawn[2 * TILE];
-    int64_t offset = tile * TILE, size = n - offset < TILE ? n - offset : TILE;
-    for (int64_t i = 0; i < size; i++) acc[i] = source[offset + i];
-    for (int64_t i = size; i < TILE; i++) acc[i] = 0.0f;  /* the last tile's tail is computed, never stored */
-    int64_t start = first + offset, shift = start % TILE;  /* a slice may start inside a tile (a row of a matrix) */
-    const float *w = drawn + shift;                        /* then it is cut from the two tiles it straddles */
+    float acc[TILE], z[TILE], w[TILE];
+    int64_t begin = tile * TILE, offset = begin - first;  /* entry begin + i is source[offset + i] */
+    int64_t lo = offset < 0 ? -offset : 0, hi = n - offset < TILE ? n - offset : TILE;
+    int whole = lo == 0 && hi == TILE;  /* fixed bounds: the loops over a whole tile are vectorised without tails */
+    if (whole)
+        for (int i = 0; i < TILE; i++) acc[i] = source[offset + i];
+    else {
+        for (int i = 0; i < TILE; i++) acc[i] = 0.0f;  /* entries outside the slice are computed, never stored */
+        for (int64_t i = lo; i < hi; i++) acc[i] = source[offset + i];
+    }
     for (int32_t k = 0; k < chain; k++) {
-        for (int64_t part = 0; part < (shift ? 2 : 1); part++)  /* one call site: inlined into each clone */
-            draw_tile(seeds[k], start - shift + part * TILE, rademacher, drawn + part * TILE);
+        draw_tile(seeds[k], begin, rademacher, w);
         const float *z_k = w;
         if (alpha != 0.0f && chain > 1) {  /* Algorithm 1's chain: z_k = alpha z_{k-1} + beta w_k */
             if (k == 0)
@@ -227,14 +233,17 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
         if (used[k])
             for (int i = 0; i < TILE; i++) acc[i] = acc[i] + scales[k] * z_k[i];
     }
-    for (int64_t i = 0; i < size; i++) target[offset + i] = acc[i];
+    if (whole)
+        for (int i = 0; i < TILE; i++) target[offset + i] = acc[i];
+    else
+        for (int64_t i = lo; i < hi; i++) target[offset + i] = acc[i];
 }
 
 /* For each tensor t < count: targets[t][i] = sources[t][i] + sum_{k < chain, used[k]} scales[t][k] * z_tk[firsts[t] + i]
  * for i < sizes[t] (float32), z_tk drawn with seeds[t * chain + k] and scales[t][k] = scales[t * chain + k].
- * firsts[t] is any entry (a multiple of 256 draws each tile once); targets[t] may equal sources[t]. One parallel region for the whole
- * list: the tiles of each tensor are shared among the threads, which go on to the next tensor without
- * waiting, so many small tensors cost one fork and join, not one each. */
+ * firsts[t] is any entry; targets[t] may equal sources[t]. One parallel region for the whole list: the tiles
+ * of each tensor are shared among the threads, which go on to the next tensor without waiting, so many
+ * small tensors cost one fork and join, not one each. */
 void zo_add_directions(int32_t count, const float *const *sources, float *const *targets, const int64_t *firsts,
                        const int64_t *sizes, int32_t chain, const uint64_t *seeds, const float *scales,
                        const uint8_t *used, float alpha, float beta, int32_t rademacher, int32_t threads) {
@@ -242,9 +251,10 @@ void zo_add_directions(int32_t count, const float *const *sources, float *const 
     for (int32_t t = 0; t < count; t++) total += sizes[t];
     #pragma omp parallel num_threads(threads) if (threads > 1 && total >= 4096)
     for (int32_t t = 0; t < count; t++) {
-        int64_t tiles = (sizes[t] + TILE - 1) / TILE;
+        if (sizes[t] <= 0) continue;
+        int64_t first_tile = firsts[t] / TILE, last_tile = (firsts[t] + sizes[t] - 1) / TILE;
         #pragma omp for schedule(static) nowait
-        for (int64_t tile = 0; tile < tiles; tile++)
+        for (int64_t tile = first_tile; tile <= last_tile; tile++)
             add_tile(sources[t], targets[t], firsts[t], sizes[t], tile, chain, seeds + (int64_t)t * chain,
                      scales + (int64_t)t * chain, used, alpha, beta, rademacher);
     }
