@@ -15,7 +15,9 @@ For one flat float32 tensor of --numel entries it times (median of --repeats, af
 each on one thread and on ``torch.get_num_threads()`` threads, in ns per entry. Then the fixed cost of
 one call, the reason a probe draws a group of modules per call: ``add_to`` of one 320-entry norm weight,
 warm (back to back) and cold (right after a matrix product of a 20M-model MLP's size, as a module's
-pre-hook runs it), median of 200 calls each, in microseconds.
+pre-hook runs it), median of 200 calls each, in microseconds; and ``add_rows`` of the rows a 20M-model
+batch looks up in its embedding (8 x 256 random tokens of 32,000: ~2,000 rows of 320 entries, each
+starting inside a 256-entry tile of the kernel), median of 100 calls on all threads.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def main() -> None:
         print(f"{kind:<30}{cells[0]:>10.2f}{cells[1]:>12.2f}")
     warm, cold = call_cost_us(samplers["gaussian"], steps)
     print(f"one add_to call of 320 entries: {warm:.1f} us warm, {cold:.1f} us right after a matrix product")
+    if philox.KERNEL is not None:  # add_rows draws through the kernel only
+        rows, milliseconds = embedding_rows_ms(samplers["gaussian"], steps)
+        print(f"add_rows of {rows} embedding rows of 320 entries: {milliseconds:.3f} ms a call")
 
 
 def call_cost_us(sampler: DirectionSampler, steps, calls: int = 200) -> tuple[float, float]:
@@ -100,6 +105,18 @@ def call_cost_us(sampler: DirectionSampler, steps, calls: int = 200) -> tuple[fl
             sampler.add_to(next(steps), [Addition("norm", (320,), {0: 1e-3}, norm, copy)])
             times[kind].append(time.perf_counter() - start)
     return statistics.median(times["warm"]) * 1e6, statistics.median(times["cold"]) * 1e6
+
+
+def embedding_rows_ms(sampler: DirectionSampler, steps, calls: int = 100) -> tuple[int, float]:
+    table = torch.randn(32000, 320)
+    rows = torch.unique(torch.randint(32000, (8 * 256,), generator=torch.Generator().manual_seed(0)))
+    out = torch.empty(len(rows), 320)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        sampler.add_rows(next(steps), "embed", table, rows, out, {0: 1e-3})
+        times.append(time.perf_counter() - start)
+    return len(rows), statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":

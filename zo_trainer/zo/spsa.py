@@ -6,7 +6,7 @@ The probes never write the stored weights: a forward pre-hook on each module tha
 parameters swaps in ``p ± ε z`` for the duration of that module's forward and swaps the original back
 afterwards. So the weights are restored exactly by construction, in every dtype (the in-place
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
-perturbed, and few perturbed copies are alive at a time: the running module's and at most 2 MiB drawn
+perturbed, and few perturbed copies are alive at a time: the running module's and at most 4 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
 last, so they are drawn once per forward). On CPU with the C kernel, a plain `nn.Embedding` or
 `nn.Linear` whose weight is over 32 MiB does not copy it whole: an embedding perturbs only the rows it
@@ -39,7 +39,7 @@ from .directions import Addition, DirectionSampler
 
 ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
-GROUP_BYTES = 2 * 2**20  # perturbed copies drawn ahead of their modules, at most
+GROUP_BYTES = 4 * 2**20  # perturbed copies drawn ahead of their modules, at most (each draw is a cold call: fewer, larger)
 OWN_ALLOCATION_BYTES = 32 * 2**20  # glibc's mmap ceiling: the arena is not sized for modules larger than this
 LARGE_WEIGHT_BYTES = OWN_ALLOCATION_BYTES  # embeddings and linear layers above this perturb their weight in pieces
 BLOCK_BYTES = 8 * 2**20  # rows of a large linear layer's perturbed weight multiplied at a time (smaller blocks: slower products)
@@ -242,7 +242,7 @@ class _Perturbation:
     modules that follow it in the previous forward's order, up to ``GROUP_BYTES`` ahead, in one call,
     into the estimator's `_CopyArena`.
     Why: a call made between two layers' matrix products finds the interpreter's code and data evicted
-    from the caches and costs 0.04-0.1 ms more than the same call made warm (`benchmarks/bench_directions.py`).
+    from the caches and costs 0.04-0.17 ms more than the same call made warm (`benchmarks/bench_directions.py`).
     """
 
     def __init__(self, estimator: ZOEstimator, trainable, step: int, query: int, delta: float):
