@@ -535,6 +535,11 @@ def test_the_arena_reuses_its_buffer_once_empty_and_allocates_what_does_not_fit(
     arena.release(arena.buffer[128:132].view(torch.float32))
     again, _ = arena.take(torch.zeros(10))  # empty: from the start again, the same view as a's
     assert again is a
+    arena = spsa._CopyArena(2**20, torch.device("cpu"))
+    for n in range(1, spsa._CopyArena.MAX_VIEWS + 2):  # copies of ever new shapes: the views kept stay bounded
+        copy, _ = arena.take(torch.zeros(1, n))
+        arena.release(copy)
+        assert len(arena.views) == (n - 1) % spsa._CopyArena.MAX_VIEWS + 1  # cleared when full, then refilled
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])

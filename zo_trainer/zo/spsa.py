@@ -425,6 +425,7 @@ class _CopyArena:
     """
 
     ALIGN = 64  # bytes: each copy starts on a cache line
+    MAX_VIEWS = 4096  # views kept for reuse; a forward order that keeps changing (routed experts) starts afresh
 
     def __init__(self, nbytes: int, device: torch.device):
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -441,6 +442,8 @@ class _CopyArena:
         self.offset, self.live = start + nbytes, self.live + 1
         key = (start, like.shape, like.dtype)
         if key not in self.views:
+            if len(self.views) >= self.MAX_VIEWS:
+                self.views.clear()
             flat = self.buffer[start : start + nbytes].view(like.dtype)
             self.views[key] = flat.view(like.shape), flat
         return self.views[key]
