@@ -214,10 +214,10 @@ def add_directions(
 
     z_tk is drawn with ``seeds[t][k]``, from its entry ``firsts[t]`` on (0 by default: a whole tensor).
     With ``correlation`` α ≠ 0 the z_tk form the chain z_tk = α z_t,k-1 + sqrt(1 - α²) w_tk; a ``None``
-    scale draws its link of the chain without adding it, and must be ``None`` in every row. Arithmetic is float32 with one rounding to the target's dtype
-    (float64 if either tensor is float64, with z still drawn in float32); scales and α are rounded to
-    float32 first. ``targets[t]`` may be ``sources[t]``. The float32 tensors are drawn by one kernel
-    call, so a list of small tensors costs one call, not one each.
+    scale draws its link of the chain without adding it, and must be ``None`` in every row. Arithmetic is
+    float32 with one rounding to the target's dtype (float64 if either tensor is float64, with z still drawn
+    in float32); scales and α are rounded to float32 first. ``targets[t]`` may be ``sources[t]``. The
+    float32 tensors are drawn by one kernel call, so a list of small tensors costs one call, not one each.
     """
     firsts = [0] * len(sources) if firsts is None else firsts
     if any(first < 0 for first in firsts):

@@ -362,9 +362,13 @@ class _Perturbation:
 
     def _perturbed_copy(self, p: nn.Parameter) -> torch.Tensor:
         """``p + δz`` in a tensor of its own (for what the pieces of a large weight cannot serve)."""
-        copy = _empty_like(p)
-        self.estimator.sampler.add_to(self.step, [self.estimator._addition(p, self.scales, p, copy)])
+        copy, flat = _own_copy(p)
+        self.estimator.sampler.add_to(self.step, [self._addition(p, flat)])
         return copy
+
+    def _addition(self, p: nn.Parameter, flat_copy: torch.Tensor) -> Addition:
+        """``flat_copy = p + δz``, read from the flat view of ``p`` taken once per set of trainable parameters."""
+        return Addition(self.estimator.name_of(p), p.shape, self.scales, self.estimator._flat[id(p)], flat_copy)
 
     def _swap_out(self, module, args, output):
         if module not in self.running:  # a pre-hook before ours raised: nothing was swapped in
@@ -404,12 +408,8 @@ class _Perturbation:
             # a copy that outlives its group (a tied weight's, an enclosing module's) gets its own allocation
             outlives = module in self.estimator._enclosing
             for p in missing:
-                if self.users[id(p)] == 1 and not outlives:
-                    out, flat = self.estimator._arena.take(p)
-                else:
-                    out = _empty_like(p)
-                    flat = out.view(-1)
-                additions.append(Addition(self.estimator.name_of(p), p.shape, self.scales, self.estimator._flat[id(p)], flat))
+                out, flat = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else _own_copy(p)
+                additions.append(self._addition(p, flat))
                 self.cache[id(p)] = (out, self.users[id(p)])
         self.estimator.sampler.add_to(self.step, additions)
 
@@ -437,8 +437,7 @@ class _CopyArena:
         nbytes = like.numel() * like.element_size()
         start = -(-self.offset // self.ALIGN) * self.ALIGN
         if like.device != self.buffer.device or start + nbytes > self.buffer.numel():
-            copy = _empty_like(like)
-            return copy, copy.view(-1)
+            return _own_copy(like)
         self.offset, self.live = start + nbytes, self.live + 1
         key = (start, like.shape, like.dtype)
         if key not in self.views:
@@ -474,6 +473,12 @@ class _RngState:
 
 def _empty_like(p: torch.Tensor) -> torch.Tensor:
     return torch.empty(p.shape, dtype=p.dtype, device=p.device)
+
+
+def _own_copy(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialised tensor of its own shaped like ``p``, and its flat view (what `_CopyArena.take` returns)."""
+    copy = _empty_like(p)
+    return copy, copy.view(-1)
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
