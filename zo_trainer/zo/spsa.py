@@ -344,7 +344,7 @@ class _Perturbation:
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(input.device.type)):
             return F.linear(input, self._perturbed_copy(weight), bias)  # what the products into `out` cannot serve
         blocks = -(-weight.numel() * weight.element_size() // BLOCK_BYTES)
-        # about equal blocks, each a multiple of 16 rows wide: a product of odd width is up to 20% slower
+        # about equal blocks, each a multiple of 16 rows wide: a product of odd width is slower
         rows = -(-weight.shape[0] // blocks // 16) * 16
         block = _empty_like(weight[:rows])
         out = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
