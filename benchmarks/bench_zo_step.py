@@ -156,8 +156,10 @@ def time_steps(name: str, repeats: int, kinds: list[str]) -> tuple[int, dict[str
     model, x = build(name)
     params = sum(p.numel() for p in model.parameters())
     steps = {kind: step for kind, step in make_steps(model, x).items() if kind in ["2 forwards", *kinds]}
+    restore_storage = storage_keeper(model)
     for step in steps.values():  # warm-up: allocator, kernels, lazy init
         step()
+        restore_storage()
     times = {kind: [] for kind in steps}
     for _ in range(repeats):
         for kind, step in steps.items():
@@ -166,7 +168,28 @@ def time_steps(name: str, repeats: int, kinds: list[str]) -> tuple[int, dict[str
             step()
             sync()
             times[kind].append(time.perf_counter() - start)
+            restore_storage()  # untimed
     return params, times
+
+
+def storage_keeper(model):
+    """A function that moves the parameters' values back into the tensors they had when it was made.
+
+    MeZO's sweeps (``p.data = p.data + scale * z``) give every parameter new storage at every step. Left so,
+    the ZO step timed after it would find new parameters and rebuild what its estimator keeps per set of
+    trainable parameters (flat views, the arena of copies, the forward order), a cost that no training run
+    pays: ZO-SGD updates in place, so the parameters keep their storage from step to step.
+    """
+    originals = [(p, p.data) for p in model.parameters()]
+
+    @torch.no_grad()
+    def restore():
+        for p, data in originals:
+            if p.data.data_ptr() != data.data_ptr():
+                data.copy_(p.data)
+                p.data = data
+
+    return restore
 
 
 # ------------------------------------------------------------------------------------------ memory

@@ -79,22 +79,27 @@ class DirectionSampler:
         self.seed = int(seed)
         self.rank, self.refresh_steps = rank, refresh_steps
         self._bases: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (period, U, V)
+        self._seeds_step: tuple[int, int] | None = None  # (seed, step) of _seeds
+        self._seeds: dict[tuple[int, str], int] = {}  # (query, name) -> its direction_seed
 
     @torch.no_grad()
-    def add_to(self, step: int, additions: Sequence[Addition]) -> None:
+    def add_to(self, step: int, additions: Sequence[Addition], check: bool = True) -> None:
         """For each addition, ``target = source + Σ_k scales[k]·z_k`` over flat tensors of its parameter's size.
 
         ``target`` may be ``source`` (an in-place update). The arithmetic is float32 (float64 for float64
         tensors) with one rounding to the target's dtype, so half-precision copies are exact functions of
         p and z. On CPU, the float32 additions that draw the same links of the chain share one kernel call.
+        ``check=False`` skips the checks of the tensors, for a caller that made them flat itself (a probe
+        draws between two layers' products, where every check costs microseconds: `benchmarks/bench_directions.py`).
         """
-        for a in additions:
-            numel = math.prod(a.shape)
-            for tensor in (a.source, a.target):
-                if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
-                    raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
-            if a.source.device != a.target.device:
-                raise ValueError(f"add_to needs source and target on one device, got {a.source.device} and {a.target.device}")
+        if check:
+            for a in additions:
+                numel = math.prod(a.shape)
+                for tensor in (a.source, a.target):
+                    if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
+                        raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
+                if a.source.device != a.target.device:
+                    raise ValueError(f"add_to needs source and target on one device, got {a.source.device} and {a.target.device}")
         batches = defaultdict(list)  # CPU additions with the same links of the chain: one philox call
         for a in additions:
             if not a.scales:
@@ -109,10 +114,11 @@ class DirectionSampler:
                 batches[a.source.device.type == "cpu", chain, tuple(k in a.scales for k in chain)].append(a)
         rademacher = self.distribution == "rademacher"
         for (on_cpu, chain, _), batch in batches.items():
-            seeds = [[direction_seed(self.seed, step, k, a.name) for k in chain] for a in batch]
+            seeds = [[self._seed(step, k, a.name) for k in chain] for a in batch]
             scales = [[a.scales.get(k) for k in chain] for a in batch]
-            if on_cpu:
-                philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation, rademacher)
+            if on_cpu:  # checked above or by the caller; the batch has the same links in every row
+                philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
+                                      rademacher, check=False)
             else:
                 for a, row_seeds, row_scales in zip(batch, seeds, scales):
                     _accelerator_add_directions(a.source, a.target, row_seeds, row_scales, self.correlation, rademacher)
@@ -128,7 +134,7 @@ class DirectionSampler:
         """``out[i] = matrix[rows[i]] + Σ_k scales[k]·z_k[rows[i]]``, bit for bit those rows of `add_to` over the
         matrix, drawing only them (an embedding's lookup needs a few rows of a large table)."""
         chain = self._links(scales)
-        philox.add_rows(matrix, rows, out, [direction_seed(self.seed, step, k, name) for k in chain],
+        philox.add_rows(matrix, rows, out, [self._seed(step, k, name) for k in chain],
                         [scales.get(k) for k in chain], self.correlation, self.distribution == "rademacher")
 
     @torch.no_grad()
@@ -144,8 +150,17 @@ class DirectionSampler:
                              f"{matrix.dtype} {tuple(matrix.shape)} on {matrix.device}")
         chain, width = self._links(scales), matrix.shape[1]
         philox.add_directions([matrix.view(-1)[start * width : (start + len(out)) * width]], [out.view(-1)],
-                              [[direction_seed(self.seed, step, k, name) for k in chain]], [[scales.get(k) for k in chain]],
-                              self.correlation, self.distribution == "rademacher", firsts=[start * width])
+                              [[self._seed(step, k, name) for k in chain]], [[scales.get(k) for k in chain]],
+                              self.correlation, self.distribution == "rademacher", firsts=[start * width], check=False)
+
+    def _seed(self, step: int, query: int, name: str) -> int:
+        """`direction_seed` of this sampler, kept for the step last asked: its probes and its update draw the same."""
+        if (self.seed, step) != self._seeds_step:
+            self._seeds, self._seeds_step = {}, (self.seed, step)
+        seed = self._seeds.get((query, name))
+        if seed is None:
+            seed = self._seeds[query, name] = direction_seed(self.seed, step, query, name)
+        return seed
 
     def _links(self, scales: dict[int, float]) -> tuple[int, ...]:
         """The queries whose directions are drawn to add ``scales``: every link up to the last for a correlated chain."""

@@ -209,6 +209,7 @@ def add_directions(
     correlation: float = 0.0,
     is_rademacher: bool = False,
     firsts: list[int] | None = None,
+    check: bool = True,
 ) -> None:
     """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk[firsts[t]:]`` for each t, over flat CPU tensors.
 
@@ -218,25 +219,13 @@ def add_directions(
     float32 with one rounding to the target's dtype (float64 if either tensor is float64, with z still drawn
     in float32); scales and α are rounded to float32 first. ``targets[t]`` may be ``sources[t]``. The
     float32 tensors are drawn by one kernel call, so a list of small tensors costs one call, not one each.
+    ``check=False`` skips the checks of the arguments, for a caller that has made them already (`DirectionSampler`).
     """
     firsts = [0] * len(sources) if firsts is None else firsts
-    if any(first < 0 for first in firsts):
-        raise ValueError(f"firsts must be entries >= 0, got {firsts}")
-    if not len(sources) == len(targets) == len(seeds) == len(scales) == len(firsts):
-        raise ValueError(f"one row of seeds and scales per tensor: got {len(sources)} sources, "
-                         f"{len(targets)} targets, {len(seeds)} rows of seeds, {len(scales)} rows of scales")
+    if check:
+        _check(sources, targets, seeds, scales, firsts)
     if not sources:
         return
-    used = [s is not None for s in scales[0]]
-    for row_seeds, row_scales in zip(seeds, scales):
-        if len(row_seeds) != len(used) or [s is not None for s in row_scales] != used:
-            raise ValueError(f"every row needs {len(used)} seeds and scales with None at the same links, "
-                             f"got seeds {row_seeds} and scales {row_scales}")
-    for source, target in zip(sources, targets):  # raw pointers go to C: refuse anything but flat CPU storage
-        if source.device.type != "cpu" or target.device.type != "cpu" or source.dim() != 1 or not source.is_contiguous() \
-                or not target.is_contiguous() or target.shape != source.shape:
-            raise ValueError(f"add_directions needs flat contiguous CPU tensors of equal size, got "
-                             f"{tuple(source.shape)} on {source.device} and {tuple(target.shape)} on {target.device}")
     alpha, beta = _chain_coefficients(correlation)
     seeds = [[int(s) & 0xFFFFFFFFFFFFFFFF for s in row] for row in seeds]
     scales = [[None if s is None else _float32(s) for s in row] for row in scales]
@@ -252,6 +241,24 @@ def add_directions(
             _add_directions_half(source, target, first, row_seeds, row_scales, alpha, beta, is_rademacher)
     if batch:
         _kernel([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], alpha, beta, is_rademacher)
+
+
+def _check(sources, targets, seeds, scales, firsts) -> None:
+    if any(first < 0 for first in firsts):
+        raise ValueError(f"firsts must be entries >= 0, got {firsts}")
+    if not len(sources) == len(targets) == len(seeds) == len(scales) == len(firsts):
+        raise ValueError(f"one row of seeds and scales per tensor: got {len(sources)} sources, "
+                         f"{len(targets)} targets, {len(seeds)} rows of seeds, {len(scales)} rows of scales")
+    used = [s is not None for s in scales[0]] if scales else []
+    for row_seeds, row_scales in zip(seeds, scales):
+        if len(row_seeds) != len(used) or [s is not None for s in row_scales] != used:
+            raise ValueError(f"every row needs {len(used)} seeds and scales with None at the same links, "
+                             f"got seeds {row_seeds} and scales {row_scales}")
+    for source, target in zip(sources, targets):  # raw pointers go to C: refuse anything but flat CPU storage
+        if source.device.type != "cpu" or target.device.type != "cpu" or source.dim() != 1 or not source.is_contiguous() \
+                or not target.is_contiguous() or target.shape != source.shape:
+            raise ValueError(f"add_directions needs flat contiguous CPU tensors of equal size, got "
+                             f"{tuple(source.shape)} on {source.device} and {tuple(target.shape)} on {target.device}")
 
 
 def add_rows(

@@ -168,7 +168,7 @@ class ZOEstimator:
                 p.mul_(1.0 - lr * weight_decay)
             if lr:
                 additions.append(self._addition(p, {k: -lr * c for k, c in enumerate(coefficients) if c}, p))
-        self.sampler.add_to(step, additions)
+        self.sampler.add_to(step, additions, check=False)  # flat views of the parameters, in place
 
     @torch.no_grad()
     def write_grad(self, step: int, coefficients: torch.Tensor, params: Iterable[nn.Parameter]) -> None:
@@ -363,7 +363,7 @@ class _Perturbation:
     def _perturbed_copy(self, p: nn.Parameter) -> torch.Tensor:
         """``p + δz`` in a tensor of its own (for what the pieces of a large weight cannot serve)."""
         copy, flat = _own_copy(p)
-        self.estimator.sampler.add_to(self.step, [self._addition(p, flat)])
+        self.estimator.sampler.add_to(self.step, [self._addition(p, flat)], check=False)
         return copy
 
     def _addition(self, p: nn.Parameter, flat_copy: torch.Tensor) -> Addition:
@@ -411,7 +411,7 @@ class _Perturbation:
                 out, flat = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else _own_copy(p)
                 additions.append(self._addition(p, flat))
                 self.cache[id(p)] = (out, self.users[id(p)])
-        self.estimator.sampler.add_to(self.step, additions)
+        self.estimator.sampler.add_to(self.step, additions, check=False)
 
 
 class _CopyArena:
