@@ -123,6 +123,22 @@ class DirectionSampler:
                 for a, row_seeds, row_scales in zip(batch, seeds, scales):
                     _accelerator_add_directions(a.source, a.target, row_seeds, row_scales, self.correlation, rademacher)
 
+    def prepare(self, names: list[str], sources: list[torch.Tensor], targets: list[torch.Tensor]):
+        """``add(step, scales)``, the same as ``add_to(step, [Addition(names[i], ., scales, sources[i], targets[i]) ...])``
+        over these fixed flat tensors, with the kernel's arguments built once (`philox.KernelCall`); None where
+        `add_to` would not draw them in one kernel call (no kernel, SubZero's directions, not float32 on CPU)."""
+        if philox.KERNEL is None or self.distribution == "lowrank" or not sources or any(
+                t.dtype != torch.float32 or t.device.type != "cpu" for t in (*sources, *targets)):
+            return None
+        call, rademacher = philox.KernelCall(sources, targets), self.distribution == "rademacher"
+
+        def add(step: int, scales: dict[int, float]) -> None:
+            chain = self._links(scales)
+            call([self._seed(step, k, name) for name in names for k in chain], [scales.get(k) for k in chain],
+                 self.correlation, rademacher)
+
+        return add
+
     def can_add_rows(self, matrix: torch.Tensor) -> bool:
         """Whether `add_rows` serves ``matrix``: the C kernel, a float32 CPU matrix, element-wise directions."""
         return (philox.KERNEL is not None and self.distribution != "lowrank" and matrix.dtype == torch.float32

@@ -19,6 +19,7 @@ bit.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import math
 import struct
@@ -261,6 +262,49 @@ def _check(sources, targets, seeds, scales, firsts) -> None:
                              f"{tuple(source.shape)} on {source.device} and {tuple(target.shape)} on {target.device}")
 
 
+class KernelCall:
+    """`add_directions` over fixed float32 CPU tensors, with their pointers and sizes turned into the kernel's
+    arguments once, for a caller that repeats the same call with new seeds and scales.
+
+    Why: a probe draws each group of perturbed copies between two layers' matrix products, at every forward,
+    and there every Python and torch call runs from cold caches. Building the arguments (pointers, sizes, dtype
+    checks, ctypes arrays) cost more than drawing a small group (`benchmarks/bench_directions.py`). The tensors
+    are kept, so the pointers stay valid while the call lives.
+    """
+
+    def __init__(self, sources: list[torch.Tensor], targets: list[torch.Tensor]):
+        if KERNEL is None:
+            raise RuntimeError(f"the C kernel is unavailable: {WHY_NO_KERNEL}")
+        _check(sources, targets, [[0]] * len(sources), [[1.0]] * len(sources), [0] * len(sources))
+        if any(t.dtype != torch.float32 for t in (*sources, *targets)):
+            raise ValueError("KernelCall serves float32 tensors only (add_directions rounds other dtypes)")
+        self.tensors, count = (sources, targets), len(sources)
+        self.count = count
+        self.arguments = (
+            (ctypes.c_void_p * count)(*[t.data_ptr() for t in sources]),
+            (ctypes.c_void_p * count)(*[t.data_ptr() for t in targets]),
+            (ctypes.c_int64 * count)(),  # every tensor from its first entry
+            (ctypes.c_int64 * count)(*[t.numel() for t in sources]),
+        )
+        self.rows: dict[int, tuple] = {}  # chain length -> (seeds, scales, used) arrays, filled at each call
+
+    def __call__(self, seeds: list[int], scales: list[float | None], correlation: float, is_rademacher: bool) -> None:
+        """``targets[t] = sources[t] + Σ_k scales[k]·z_tk`` with z_tk drawn from ``seeds[t * len(scales) + k]``: the
+        same scales for every tensor (a probe's ±ε), None for a link drawn and not added (see `add_directions`)."""
+        chain = len(scales)
+        if len(seeds) != self.count * chain:
+            raise ValueError(f"{self.count} tensors x {chain} links need {self.count * chain} seeds, got {len(seeds)}")
+        if chain not in self.rows:
+            self.rows[chain] = ((ctypes.c_uint64 * (self.count * chain))(), (ctypes.c_float * (self.count * chain))(),
+                                (ctypes.c_uint8 * chain)())
+        seed_array, scale_array, used = self.rows[chain]
+        seed_array[:] = [s & 0xFFFFFFFFFFFFFFFF for s in seeds]
+        scale_array[:] = [0.0 if s is None else _float32(s) for s in scales] * self.count
+        used[:] = [s is not None for s in scales]
+        KERNEL(self.count, *self.arguments, chain, seed_array, scale_array, used, *_chain_coefficients(correlation),
+               int(is_rademacher), torch.get_num_threads())
+
+
 def add_rows(
     matrix: torch.Tensor,
     rows: torch.Tensor,
@@ -305,6 +349,7 @@ def add_rows(
            torch.get_num_threads())
 
 
+@functools.lru_cache(maxsize=8)
 def _chain_coefficients(correlation: float) -> tuple[float, float]:
     """α and sqrt(1 - α²) of the correlated chain, rounded to float32 as the kernel uses them."""
     return _float32(correlation), _float32((1.0 - correlation**2) ** 0.5)

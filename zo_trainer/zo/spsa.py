@@ -101,6 +101,7 @@ class ZOEstimator:
         self._owners_key: tuple | None = None  # device, ids and storage of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict, dict] = ({}, {}, {})
         self._flat: dict[int, torch.Tensor] = {}  # id(p) -> flat view of p, for the trainable parameters of _owners_key
+        self._prepared: dict[tuple, Callable | None] = {}  # the draws of a probe's groups, see _prepared_add
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
 
@@ -190,6 +191,7 @@ class ZOEstimator:
         key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
         if self._owners_key != key:
             self._flat = {id(p): _flat_view(p) for _, p in trainable}
+            self._prepared = {}
             owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
             pieces = {}
             for module in self.model.modules():
@@ -210,6 +212,17 @@ class ZOEstimator:
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
         return self._owners_value
+
+    def _prepared_add(self, params: list[nn.Parameter], flats: list[torch.Tensor]):
+        """The sampler's prepared ``flats[i] = p_i + Σ scales·z`` (`DirectionSampler.prepare`) for flat views of the
+        arena, which are the same objects at every forward; None where the sampler has none."""
+        key = (*map(id, params), *map(id, flats))  # the entry keeps both alive: no id is reused while it is cached
+        if key not in self._prepared:
+            if len(self._prepared) >= _CopyArena.MAX_VIEWS:
+                self._prepared.clear()
+            self._prepared[key] = self.sampler.prepare([self.name_of(p) for p in params],
+                                                       [self._flat[id(p)] for p in params], flats)
+        return self._prepared[key]
 
     def _pieces(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> str | None:
         """How ``module`` perturbs its weight without a full copy: "rows" for a plain `nn.Embedding` (its forward
@@ -259,7 +272,7 @@ class _Perturbation:
             for module in pieces.keys() - self.pieces.keys():
                 for _, p in self.owned[module]:
                     self.users[id(p)] = self.users.get(id(p), 0) + 1
-        self.cache: dict[int, tuple[torch.Tensor, int]] = {}  # id(p) -> (perturbed copy, users left)
+        self.cache: dict[int, tuple[torch.Tensor, int, bool]] = {}  # id(p) -> (perturbed copy, users left, in the arena)
         self.order = self.estimator._forward_order
         self.position = {module: i for i, module in enumerate(self.order)}
         self.fired: dict[nn.Module, None] = {}  # the owners that ran, in order (an ordered set)
@@ -382,11 +395,11 @@ class _Perturbation:
             return output
         for local_name, p in self.owned[module]:
             module._parameters[local_name] = p
-            copy, left = self.cache.pop(id(p))
+            copy, left, pooled = self.cache.pop(id(p))
             if left > 1:
-                self.cache[id(p)] = (copy, left - 1)
-            else:
-                self.estimator._arena.release(copy)
+                self.cache[id(p)] = (copy, left - 1, pooled)
+            elif pooled:
+                self.estimator._arena.release()
         return output
 
     def _draw_group(self, first: nn.Module) -> None:
@@ -394,7 +407,7 @@ class _Perturbation:
         modules that have not run yet stay under GROUP_BYTES in all, so a wrong guess of the order costs
         time, never memory."""
         start = self.position.get(first)
-        additions = []
+        params, flats, pooled = [], [], True  # pooled: every copy in the arena, so the same tensors at every forward
         for module in [first] if start is None else self.order[start:]:
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
             if module is not first and (module in self.fired or not missing or module in self.pieces):
@@ -408,10 +421,17 @@ class _Perturbation:
             # a copy that outlives its group (a tied weight's, an enclosing module's) gets its own allocation
             outlives = module in self.estimator._enclosing
             for p in missing:
-                out, flat = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else _own_copy(p)
-                additions.append(self._addition(p, flat))
-                self.cache[id(p)] = (out, self.users[id(p)])
-        self.estimator.sampler.add_to(self.step, additions, check=False)
+                taken = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else None
+                out, flat = taken or _own_copy(p)
+                pooled = pooled and taken is not None
+                params.append(p)
+                flats.append(flat)
+                self.cache[id(p)] = (out, self.users[id(p)], taken is not None)
+        add = self.estimator._prepared_add(params, flats) if pooled else None
+        if add is not None:
+            add(self.step, self.scales)
+        else:
+            self.estimator.sampler.add_to(self.step, [self._addition(p, flat) for p, flat in zip(params, flats)], check=False)
 
 
 class _CopyArena:
@@ -432,12 +452,12 @@ class _CopyArena:
         self.offset = self.live = 0
         self.views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the same copies recur at every forward
 
-    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An uninitialised tensor shaped like ``like``, and its flat view."""
+    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An uninitialised tensor shaped like ``like``, and its flat view; None where it does not fit."""
         nbytes = like.numel() * like.element_size()
         start = -(-self.offset // self.ALIGN) * self.ALIGN
         if like.device != self.buffer.device or start + nbytes > self.buffer.numel():
-            return _own_copy(like)
+            return None
         self.offset, self.live = start + nbytes, self.live + 1
         key = (start, like.shape, like.dtype)
         if key not in self.views:
@@ -450,11 +470,11 @@ class _CopyArena:
     def reset(self) -> None:
         self.offset = self.live = 0
 
-    def release(self, copy: torch.Tensor) -> None:
-        if copy.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr():
-            self.live -= 1
-            if not self.live:
-                self.reset()
+    def release(self) -> None:
+        """One of the copies taken is no longer used."""
+        self.live -= 1
+        if not self.live:
+            self.reset()
 
 
 class _RngState:
