@@ -26,7 +26,8 @@ its logits) and, for GPUs, "1b" (TinyLlama's shape, 1.1B params, batch 8x256). F
 * the ratios against the targets: ZO time / (2q forwards) <= 1.05 and ZO peak / inference peak <= 1.02.
   Each time ratio is given twice: over the kinds' medians, and as the median over repeats of the ratio
   within a repeat ("paired": a step against the forwards timed seconds before it, so load that drifts
-  between repeats cancels).
+  between repeats cancels), with a 95% interval of that median (order statistics, no assumption on the
+  distribution): on a shared machine it says whether a target is met or within the noise.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -263,6 +265,9 @@ def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
     for kind, n in forwards.items():
         paired = [t / (n * pair / 2) for t, pair in zip(times[kind], times["2 forwards"])]
         ratios[f"{kind}_time / {n} fwd, paired"] = statistics.median(paired)
+        low, high = median_interval(paired)
+        ratios[f"{kind}_time / {n} fwd, paired, 95% interval low"] = low
+        ratios[f"{kind}_time / {n} fwd, paired, 95% interval high"] = high
     for allocator, mem in memory.items():
         ratios[f"zo_peak / inf_peak ({allocator}, total)"] = mem["zo"]["peak"] / mem["inference"]["peak"]
         ratios[f"zo_peak / inf_peak ({allocator}, increment)"] = mem["zo"]["increment"] / mem["inference"]["increment"]
@@ -277,6 +282,18 @@ def summarize(name: str, params: int, times: dict, memory: dict) -> dict:
         "memory_kib": memory,
         "ratios": ratios,
     }
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the order statistics x_(j) and x_(n+1-j) with the largest j
+    such that P(x_(j) <= median <= x_(n+1-j)) >= confidence (binomial(n, 1/2)). With 15 repeats: x_(4), x_(12).
+    The whole range where n is too small for the confidence asked (n <= 5 at 95%)."""
+    ordered, n = sorted(values), len(values)
+    below = lambda j: sum(math.comb(n, i) for i in range(j)) / 2**n  # noqa: E731  # P(fewer than j values below the median)
+    j = 1
+    while j + 1 <= (n + 1) // 2 and 1 - 2 * below(j + 1) >= confidence:
+        j += 1
+    return ordered[j - 1], ordered[n - j]
 
 
 def print_table(results: dict) -> None:
