@@ -20,7 +20,9 @@ The estimate itself is q scalars, the projected gradients; the update redraws th
 
 Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
 `DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add), for a
-group of modules per call.
+group of modules per call. A group whose copies are all in the arena is the same tensors at every
+forward, so its call is prepared once (`DirectionSampler.prepare`): what is left of it between two
+layers' products is the seeds and the kernel.
 """
 
 from __future__ import annotations
