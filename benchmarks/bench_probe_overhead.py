@@ -14,7 +14,9 @@ median and the minimum over --repeats after a warm-up:
 * ``probe``: one real probe forward (draws z and writes p + εz, Gaussian, a group of modules per call);
 * ``update``: `ZOEstimator.apply_update` for one query (redraws z over every parameter, in place);
 
-and each one's time over the forward's, and how many kernel calls a probe makes each way.
+and each one's time over the forward's, and how many draws of copies a probe makes each way. Then, with the
+C kernel, the time a probe spends drawing its groups of copies, split into the kernel and the Python
+around it (which runs from cold caches, between two layers' products).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import time
 import torch
 
 from bench_zo_step import build
-from zo_trainer.zo import DirectionSampler, ZOEstimator, spsa
+from zo_trainer.zo import DirectionSampler, ZOEstimator, philox, spsa
 
 
 class CopyOnlySampler(DirectionSampler):
     """Writes ``p`` where the real sampler writes ``p + Σ scales·z``: the probe without its draws."""
 
-    def add_to(self, step, additions):
+    def add_to(self, step, additions, check=True):
         for a in additions:
             if a.target is not a.source:
                 a.target.copy_(a.source)
@@ -43,16 +45,50 @@ class CopyOnlySampler(DirectionSampler):
     def add_row_block(self, step, name, matrix, start, out, scales):
         out.copy_(matrix[start : start + len(out)])
 
+    def prepare(self, names, sources, targets):
+        return None  # every group through add_to, which copies
 
-def kernel_calls(estimator: ZOEstimator, probe) -> int:
-    """How many `DirectionSampler.add_to` calls ``probe()`` makes through ``estimator``."""
-    calls, add_to = [], estimator.sampler.add_to
-    estimator.sampler.add_to = lambda *args: calls.append(args) or add_to(*args)
+
+def group_draws(probe) -> int:
+    """How many draws of a group of copies ``probe()`` makes (one kernel call each)."""
+    calls, draw_group = [], spsa._Perturbation._draw_group
+    spsa._Perturbation._draw_group = lambda self, first: calls.append(first) or draw_group(self, first)
     try:
         probe()
     finally:
-        del estimator.sampler.add_to  # the class's method again
+        spsa._Perturbation._draw_group = draw_group
     return len(calls)
+
+
+def group_draw_ms(estimator: ZOEstimator, probe, repeats: int) -> tuple[float, float]:
+    """Milliseconds a probe spends drawing its groups of copies (`_draw_group`, between two layers' products):
+    in all and in the C kernel (medians over ``repeats`` probes). The rest is the Python around the kernel."""
+    totals, kernels, inside = [], [], []
+    draw_group, kernel = spsa._Perturbation._draw_group, philox.KERNEL
+
+    def timed_draw_group(self, first):
+        start = time.perf_counter()
+        inside.append(0.0)
+        try:
+            draw_group(self, first)
+        finally:
+            totals[-1] += time.perf_counter() - start
+            kernels[-1] += inside.pop()
+
+    def timed_kernel(*args):
+        start = time.perf_counter()
+        kernel(*args)
+        if inside:
+            inside[-1] += time.perf_counter() - start
+
+    spsa._Perturbation._draw_group, philox.KERNEL = timed_draw_group, timed_kernel
+    try:
+        for _ in range(repeats):
+            totals.append(0.0), kernels.append(0.0)
+            probe()
+    finally:
+        spsa._Perturbation._draw_group, philox.KERNEL = draw_group, kernel
+    return statistics.median(totals) * 1e3, statistics.median(kernels) * 1e3
 
 
 def main() -> None:
@@ -91,21 +127,25 @@ def main() -> None:
     times = {kind: [] for kind in kinds}
     for fn in kinds.values():
         fn()  # warm-up: the probes also record the forward order
-    grouped_calls = kernel_calls(real, kinds["probe"])
-    one_by_one_calls = kernel_calls(one_by_one, kinds["probe, module by module"])
+    grouped_calls = group_draws(kinds["probe"])
+    one_by_one_calls = group_draws(kinds["probe, module by module"])
     for _ in range(cli.repeats):
         for kind, fn in kinds.items():
             start = time.perf_counter()
             fn()
             times[kind].append(time.perf_counter() - start)
     print(f"# {cli.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, {cli.repeats} repeats; seconds")
-    print(f"kernel calls per probe: {grouped_calls} in groups, {one_by_one_calls} module by module")
+    print(f"draws of copies per probe: {grouped_calls} in groups, {one_by_one_calls} module by module")
     print(f"{'':<25}{'median':>9}{'/ fwd':>8}{'min':>9}{'/ fwd':>8}")
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     minima = {kind: min(t) for kind, t in times.items()}
     for kind in kinds:
         print(f"{kind:<25}{medians[kind]:>9.4f}{medians[kind] / medians['forward']:>8.3f}"
               f"{minima[kind]:>9.4f}{minima[kind] / minima['forward']:>8.3f}")
+    if philox.KERNEL is not None:
+        total, kernel = group_draw_ms(real, kinds["probe"], cli.repeats)
+        print(f"a probe's group draws: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
+              f"{total - kernel:.2f} ms (medians of {cli.repeats} probes)")
 
 
 if __name__ == "__main__":
