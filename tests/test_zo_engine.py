@@ -202,6 +202,24 @@ def test_a_prepared_draw_equals_add_to_through_the_torch_code(distribution, corr
         philox.KernelCall(sources, targets)([1, 2], [1.0], 0.0, False)
 
 
+def test_an_update_follows_parameters_given_new_storage():
+    """The prepared update is kept per set of parameters: after ``p.data = ...`` it must write the new storage,
+    as a fresh estimator does, not the old one."""
+    models = [tiny_llama(), tiny_llama()]
+    kept = ZOEstimator(models[0], eps=1e-3, seed=0)
+    coefficients = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    for step in range(3):
+        for model in models:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data * 0.5  # new storage every step
+        fresh = ZOEstimator(models[1], eps=1e-3, seed=0)
+        for estimator, model in ((kept, models[0]), (fresh, models[1])):
+            estimator.apply_update(step, coefficients, [(p, 1e-2, 0.1) for p in model.parameters()])
+    for a, b in zip(*(model.parameters() for model in models)):
+        assert torch.equal(a, b)
+
+
 def test_add_to_refuses_tensors_that_are_not_flat():
     with pytest.raises(ValueError, match="flat contiguous tensors of 12 entries"):
         DirectionSampler().add_to(0, [Addition("w", (3, 4), {0: 1.0}, torch.zeros(3, 4), torch.zeros(3, 4))])

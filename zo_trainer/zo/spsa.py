@@ -103,7 +103,7 @@ class ZOEstimator:
         self._owners_key: tuple | None = None  # device, ids and storage of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict, dict] = ({}, {}, {})
         self._flat: dict[int, torch.Tensor] = {}  # id(p) -> flat view of p, for the trainable parameters of _owners_key
-        self._prepared: dict[tuple, Callable | None] = {}  # the draws of a probe's groups, see _prepared_add
+        self._prepared: dict[tuple, object] = {}  # prepared draws: a probe's groups (_prepared_add), updates (_prepared_update)
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
 
@@ -163,15 +163,34 @@ class ZOEstimator:
         """ZO-SGD in place: ``p ← p·(1 − lr·wd) − lr·Σ_k c_k z_k`` for each (p, lr, wd) given.
 
         z is redrawn tile by tile, so nothing parameter-sized is allocated (see `DirectionSampler.add_to`).
+        The parameters of one learning rate share their scales, so they are drawn by one prepared call.
         """
         coefficients = coefficients.tolist()
-        additions = []
+        by_rate = defaultdict(list)
         for p, lr, weight_decay in params:
             if weight_decay:
                 p.mul_(1.0 - lr * weight_decay)
             if lr:
-                additions.append(self._addition(p, {k: -lr * c for k, c in enumerate(coefficients) if c}, p))
-        self.sampler.add_to(step, additions, check=False)  # flat views of the parameters, in place
+                by_rate[lr].append(p)
+        for lr, group in by_rate.items():
+            scales = {k: -lr * c for k, c in enumerate(coefficients) if c}
+            add = self._prepared_update(group) if scales else None
+            if add is not None:
+                add(step, scales)
+            else:  # flat views of the parameters, in place
+                self.sampler.add_to(step, [self._addition(p, scales, p) for p in group], check=False)
+
+    def _prepared_update(self, params: list[nn.Parameter]):
+        """The sampler's prepared in-place update of ``params`` (`DirectionSampler.prepare`), kept while the
+        parameters keep their storage; None where the sampler has none."""
+        key, storage = ("update", *map(id, params)), tuple((p.data_ptr(), p.numel()) for p in params)
+        cached = self._prepared.get(key)
+        if cached is None or cached[0] != storage:
+            if len(self._prepared) >= _CopyArena.MAX_VIEWS:
+                self._prepared.clear()
+            flats = [_flat_view(p) for p in params]
+            cached = self._prepared[key] = (storage, self.sampler.prepare([self.name_of(p) for p in params], flats, flats))
+        return cached[1]
 
     @torch.no_grad()
     def write_grad(self, step: int, coefficients: torch.Tensor, params: Iterable[nn.Parameter]) -> None:
