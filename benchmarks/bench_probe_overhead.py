@@ -15,8 +15,8 @@ median and the minimum over --repeats after a warm-up:
 * ``update``: `ZOEstimator.apply_update` for one query (redraws z over every parameter, in place);
 
 and each one's time over the forward's, and how many draws of copies a probe makes each way. Then, with the
-C kernel, the time a probe spends drawing its groups of copies, split into the kernel and the Python
-around it (which runs from cold caches, between two layers' products).
+C kernel, the time a probe spends drawing its groups of copies and the time of an update, each split
+into the kernel and the Python around it (a probe's runs from cold caches, between two layers' products).
 """
 
 from __future__ import annotations
@@ -91,6 +91,27 @@ def group_draw_ms(estimator: ZOEstimator, probe, repeats: int) -> tuple[float, f
     return statistics.median(totals) * 1e3, statistics.median(kernels) * 1e3
 
 
+def update_ms(update, repeats: int) -> tuple[float, float]:
+    """Milliseconds of ``update()``: in all and in the C kernel (medians over ``repeats``)."""
+    totals, kernels, kernel = [], [], philox.KERNEL
+
+    def timed_kernel(*args):
+        start = time.perf_counter()
+        kernel(*args)
+        kernels[-1] += time.perf_counter() - start
+
+    philox.KERNEL = timed_kernel
+    try:
+        for _ in range(repeats):
+            kernels.append(0.0)
+            start = time.perf_counter()
+            update()
+            totals.append(time.perf_counter() - start)
+    finally:
+        philox.KERNEL = kernel
+    return statistics.median(totals) * 1e3, statistics.median(kernels) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="20m", choices=["small", "20m"])
@@ -146,6 +167,9 @@ def main() -> None:
         total, kernel = group_draw_ms(real, kinds["probe"], cli.repeats)
         print(f"a probe's group draws: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
               f"{total - kernel:.2f} ms (medians of {cli.repeats} probes)")
+        total, kernel = update_ms(kinds["update"], cli.repeats)
+        print(f"an update: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
+              f"{total - kernel:.2f} ms (medians of {cli.repeats})")
 
 
 if __name__ == "__main__":
