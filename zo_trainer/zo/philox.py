@@ -267,9 +267,10 @@ class KernelCall:
     arguments once, for a caller that repeats the same call with new seeds and scales.
 
     Why: a probe draws each group of perturbed copies between two layers' matrix products, at every forward,
-    and there every Python and torch call runs from cold caches. Building the arguments (pointers, sizes, dtype
-    checks, ctypes arrays) cost more than drawing a small group (`benchmarks/bench_directions.py`). The tensors
-    are kept, so the pointers stay valid while the call lives.
+    and there every Python and torch call runs from cold caches: building the arguments (pointers, sizes, dtype
+    checks, ctypes arrays) cost more than drawing a small group (`benchmarks/bench_probe_overhead.py` splits a
+    probe's draws into the kernel and the Python around it). The tensors are kept, so the pointers stay valid
+    while the call lives.
     """
 
     def __init__(self, sources: list[torch.Tensor], targets: list[torch.Tensor]):
@@ -278,8 +279,8 @@ class KernelCall:
         _check(sources, targets, [[0]] * len(sources), [[1.0]] * len(sources), [0] * len(sources))
         if any(t.dtype != torch.float32 for t in (*sources, *targets)):
             raise ValueError("KernelCall serves float32 tensors only (add_directions rounds other dtypes)")
-        self.tensors, count = (sources, targets), len(sources)
-        self.count = count
+        self.tensors, self.count = (sources, targets), len(sources)
+        count = self.count
         self.arguments = (
             (ctypes.c_void_p * count)(*[t.data_ptr() for t in sources]),
             (ctypes.c_void_p * count)(*[t.data_ptr() for t in targets]),
