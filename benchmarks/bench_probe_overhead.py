@@ -15,8 +15,9 @@ median and the minimum over --repeats after a warm-up:
 * ``update``: `ZOEstimator.apply_update` for one query (redraws z over every parameter, in place);
 
 and each one's time over the forward's, and how many draws of copies a probe makes each way. Then, with the
-C kernel, the time a probe spends drawing its groups of copies and the time of an update, each split
-into the kernel and the Python around it (a probe's runs from cold caches, between two layers' products).
+C kernel, the time a probe spends drawing its groups of copies, the blocks of its LM head and its
+embedding rows, and the time of an update, each split into the kernel and the Python around it (a
+probe's runs from cold caches, between two layers' products).
 """
 
 from __future__ import annotations
@@ -60,35 +61,51 @@ def group_draws(probe) -> int:
     return len(calls)
 
 
-def group_draw_ms(estimator: ZOEstimator, probe, repeats: int) -> tuple[float, float]:
-    """Milliseconds a probe spends drawing its groups of copies (`_draw_group`, between two layers' products):
-    in all and in the C kernel (medians over ``repeats`` probes). The rest is the Python around the kernel."""
-    totals, kernels, inside = [], [], []
-    draw_group, kernel = spsa._Perturbation._draw_group, philox.KERNEL
+DRAWS = {  # what a probe draws, and the function that draws it (each makes one kernel call)
+    "groups of copies": (spsa._Perturbation, "_draw_group"),
+    "blocks of the LM head": (DirectionSampler, "add_row_block"),
+    "embedding rows": (DirectionSampler, "add_rows"),
+}
 
-    def timed_draw_group(self, first):
-        start = time.perf_counter()
-        inside.append(0.0)
-        try:
-            draw_group(self, first)
-        finally:
-            totals[-1] += time.perf_counter() - start
-            kernels[-1] += inside.pop()
+
+def draw_ms(probe, repeats: int) -> dict[str, tuple[float, float]]:
+    """For each of DRAWS, the milliseconds a probe spends in it: in all and in the C kernel (medians over
+    ``repeats`` probes). The rest is the Python around the kernel, run between two layers' products."""
+    totals = {label: [] for label in DRAWS}
+    kernels = {label: [] for label in DRAWS}
+    inside: list[list] = []  # [label, kernel seconds] of the draw running now
+    originals, kernel = {label: getattr(*where) for label, where in DRAWS.items()}, philox.KERNEL
+
+    def timed(label, function):
+        def draw(*args, **kwargs):
+            start = time.perf_counter()
+            inside.append([label, 0.0])
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[label][-1] += time.perf_counter() - start
+                kernels[label][-1] += inside.pop()[1]
+        return draw
 
     def timed_kernel(*args):
         start = time.perf_counter()
         kernel(*args)
         if inside:
-            inside[-1] += time.perf_counter() - start
+            inside[-1][1] += time.perf_counter() - start
 
-    spsa._Perturbation._draw_group, philox.KERNEL = timed_draw_group, timed_kernel
+    for label, (owner, name) in DRAWS.items():
+        setattr(owner, name, timed(label, originals[label]))
+    philox.KERNEL = timed_kernel
     try:
         for _ in range(repeats):
-            totals.append(0.0), kernels.append(0.0)
+            for label in DRAWS:
+                totals[label].append(0.0), kernels[label].append(0.0)
             probe()
     finally:
-        spsa._Perturbation._draw_group, philox.KERNEL = draw_group, kernel
-    return statistics.median(totals) * 1e3, statistics.median(kernels) * 1e3
+        for label, (owner, name) in DRAWS.items():
+            setattr(owner, name, originals[label])
+        philox.KERNEL = kernel
+    return {label: (statistics.median(totals[label]) * 1e3, statistics.median(kernels[label]) * 1e3) for label in DRAWS}
 
 
 def update_ms(update, repeats: int) -> tuple[float, float]:
@@ -164,9 +181,9 @@ def main() -> None:
         print(f"{kind:<25}{medians[kind]:>9.4f}{medians[kind] / medians['forward']:>8.3f}"
               f"{minima[kind]:>9.4f}{minima[kind] / minima['forward']:>8.3f}")
     if philox.KERNEL is not None:
-        total, kernel = group_draw_ms(real, kinds["probe"], cli.repeats)
-        print(f"a probe's group draws: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
-              f"{total - kernel:.2f} ms (medians of {cli.repeats} probes)")
+        for label, (total, kernel) in draw_ms(kinds["probe"], cli.repeats).items():
+            print(f"a probe's {label}: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
+                  f"{total - kernel:.2f} ms (medians of {cli.repeats} probes)")
         total, kernel = update_ms(kinds["update"], cli.repeats)
         print(f"an update: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
               f"{total - kernel:.2f} ms (medians of {cli.repeats})")
