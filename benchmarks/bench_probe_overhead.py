@@ -61,20 +61,21 @@ def group_draws(probe) -> int:
     return len(calls)
 
 
-DRAWS = {  # what a probe draws, and the function that draws it (each makes one kernel call)
+PROBE_DRAWS = {  # what a probe draws, and the function that draws it (each makes one kernel call)
     "groups of copies": (spsa._Perturbation, "_draw_group"),
     "blocks of the LM head": (DirectionSampler, "add_row_block"),
     "embedding rows": (DirectionSampler, "add_rows"),
 }
+UPDATE_DRAWS = {"update": (ZOEstimator, "apply_update")}
 
 
-def draw_ms(probe, repeats: int) -> dict[str, tuple[float, float]]:
-    """For each of DRAWS, the milliseconds a probe spends in it: in all and in the C kernel (medians over
-    ``repeats`` probes). The rest is the Python around the kernel, run between two layers' products."""
-    totals = {label: [] for label in DRAWS}
-    kernels = {label: [] for label in DRAWS}
+def draw_ms(run, repeats: int, draws: dict) -> dict[str, tuple[float, float]]:
+    """For each of ``draws`` (label -> (class, method)), the milliseconds ``run()`` spends in it: in all and in
+    the C kernel (medians over ``repeats`` runs). The rest is the Python around the kernel."""
+    totals = {label: [] for label in draws}
+    kernels = {label: [] for label in draws}
     inside: list[list] = []  # [label, kernel seconds] of the draw running now
-    originals, kernel = {label: getattr(*where) for label, where in DRAWS.items()}, philox.KERNEL
+    originals, kernel = {label: getattr(*where) for label, where in draws.items()}, philox.KERNEL
 
     def timed(label, function):
         def draw(*args, **kwargs):
@@ -93,40 +94,19 @@ def draw_ms(probe, repeats: int) -> dict[str, tuple[float, float]]:
         if inside:
             inside[-1][1] += time.perf_counter() - start
 
-    for label, (owner, name) in DRAWS.items():
+    for label, (owner, name) in draws.items():
         setattr(owner, name, timed(label, originals[label]))
     philox.KERNEL = timed_kernel
     try:
         for _ in range(repeats):
-            for label in DRAWS:
+            for label in draws:
                 totals[label].append(0.0), kernels[label].append(0.0)
-            probe()
+            run()
     finally:
-        for label, (owner, name) in DRAWS.items():
+        for label, (owner, name) in draws.items():
             setattr(owner, name, originals[label])
         philox.KERNEL = kernel
-    return {label: (statistics.median(totals[label]) * 1e3, statistics.median(kernels[label]) * 1e3) for label in DRAWS}
-
-
-def update_ms(update, repeats: int) -> tuple[float, float]:
-    """Milliseconds of ``update()``: in all and in the C kernel (medians over ``repeats``)."""
-    totals, kernels, kernel = [], [], philox.KERNEL
-
-    def timed_kernel(*args):
-        start = time.perf_counter()
-        kernel(*args)
-        kernels[-1] += time.perf_counter() - start
-
-    philox.KERNEL = timed_kernel
-    try:
-        for _ in range(repeats):
-            kernels.append(0.0)
-            start = time.perf_counter()
-            update()
-            totals.append(time.perf_counter() - start)
-    finally:
-        philox.KERNEL = kernel
-    return statistics.median(totals) * 1e3, statistics.median(kernels) * 1e3
+    return {label: (statistics.median(totals[label]) * 1e3, statistics.median(kernels[label]) * 1e3) for label in draws}
 
 
 def main() -> None:
@@ -181,12 +161,10 @@ def main() -> None:
         print(f"{kind:<25}{medians[kind]:>9.4f}{medians[kind] / medians['forward']:>8.3f}"
               f"{minima[kind]:>9.4f}{minima[kind] / minima['forward']:>8.3f}")
     if philox.KERNEL is not None:
-        for label, (total, kernel) in draw_ms(kinds["probe"], cli.repeats).items():
-            print(f"a probe's {label}: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
-                  f"{total - kernel:.2f} ms (medians of {cli.repeats} probes)")
-        total, kernel = update_ms(kinds["update"], cli.repeats)
-        print(f"an update: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
-              f"{total - kernel:.2f} ms (medians of {cli.repeats})")
+        for run, draws, what in ((kinds["probe"], PROBE_DRAWS, "a probe's "), (kinds["update"], UPDATE_DRAWS, "an ")):
+            for label, (total, kernel) in draw_ms(run, cli.repeats, draws).items():
+                print(f"{what}{label}: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
+                      f"{total - kernel:.2f} ms (medians of {cli.repeats})")
 
 
 if __name__ == "__main__":
