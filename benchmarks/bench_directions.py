@@ -1,7 +1,8 @@
-"""What drawing a direction costs, per entry: the floor under a ZO step's overhead on CPU.
+"""What drawing a direction costs, per entry: the floor under a ZO step's overhead.
 
     python benchmarks/bench_directions.py                  # 20M entries, 1 thread and all threads
     python benchmarks/bench_directions.py --numel 5000000 --repeats 9
+    python benchmarks/bench_directions.py --device cuda    # on a GPU: Triton kernel vs torch's generator
 
 For one flat float32 tensor of --numel entries it times (median of --repeats, after a warm-up):
 
@@ -18,6 +19,11 @@ warm (back to back) and cold (right after a matrix product of a 20M-model MLP's 
 pre-hook runs it), median of 200 calls each, in microseconds; and ``add_rows`` of the rows a 20M-model
 batch looks up in its embedding (8 x 256 random tokens of 32,000: ~2,000 rows of 320 entries, each
 starting inside a 256-entry tile of the kernel), median of 100 calls on all threads.
+
+With ``--device cuda``, on one flat float32 GPU tensor (CUDA events, median of --repeats): MeZO's way,
+``torch.normal`` of the whole tensor then ``p + δ·z`` (torch's Philox, two passes over z in memory); ``add_to``
+through `philox_triton`'s kernel (drawn in registers: one read, one write) for both distributions, and through
+the torch code (the same numbers without Triton); in ns per entry and in GB/s of the 8 bytes an entry must move.
 """
 
 from __future__ import annotations
@@ -48,7 +54,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--numel", type=int, default=20_000_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     cli = parser.parse_args()
+    if cli.device == "cuda":
+        return gpu_main(cli.numel, cli.repeats)
     if philox.KERNEL is None:
         print("# the C kernel is not built: add_to runs the torch code")
     source, target = torch.randn(cli.numel), torch.empty(cli.numel)
@@ -117,6 +126,43 @@ def embedding_rows_ms(sampler: DirectionSampler, steps, calls: int = 100) -> tup
         sampler.add_rows(next(steps), "embed", table, rows, out, {0: 1e-3})
         times.append(time.perf_counter() - start)
     return len(rows), statistics.median(times) * 1e3
+
+
+def gpu_main(numel: int, repeats: int) -> None:
+    source, target = torch.randn(numel, device="cuda"), torch.empty(numel, device="cuda")
+    steps = iter(range(10**9))
+    samplers = {name: DirectionSampler(name, seed=0) for name in ("gaussian", "rademacher")}
+
+    def mezo():
+        torch.manual_seed(next(steps))
+        torch.add(source, torch.normal(0.0, 1.0, size=source.shape, device="cuda"), alpha=1e-3, out=target)
+
+    def add_to(sampler):
+        sampler.add_to(next(steps), [Addition("w", (numel,), {0: 1e-3}, source, target)])
+
+    def torch_code():
+        serves, philox._gpu_kernel_serves = philox._gpu_kernel_serves, lambda source, target: False
+        try:
+            add_to(samplers["gaussian"])
+        finally:
+            philox._gpu_kernel_serves = serves
+
+    kinds = {"MeZO: normal + add": mezo, **{f"add_to {n} (Triton)": lambda s=s: add_to(s) for n, s in samplers.items()},
+             "add_to gaussian, torch code": torch_code}
+    print(f"# {numel:,} float32 entries on {torch.cuda.get_device_name()}, median of {repeats}")
+    print(f"{'':<32}{'ns/entry':>10}{'GB/s':>8}")
+    for kind, fn in kinds.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        seconds = statistics.median(times)
+        print(f"{kind:<32}{seconds / numel * 1e9:>10.4f}{8 * numel / seconds / 1e9:>8.0f}")
 
 
 if __name__ == "__main__":

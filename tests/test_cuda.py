@@ -1,9 +1,9 @@
 """The CUDA path against the same independent references as the CPU tests.
 
 CI has no GPU, so this module is skipped there (and says so in the summary); run it on a GPU machine with
-`python -m pytest tests/test_cuda.py`. On CUDA the directions come from the device's generator, one seed per
-chunk (`directions._accelerator_add_directions`), the Trainer places the model on the GPU, and fp16 is
-accelerate's real autocast + GradScaler.
+`python -m pytest tests/test_cuda.py`. On CUDA the directions are drawn by `philox_triton`'s kernel (or, without
+Triton, by the torch code of `philox`) and must equal the CPU's C kernel bit for bit; the Trainer places the model
+on the GPU, and fp16 is accelerate's real autocast + GradScaler.
 """
 
 import itertools
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from zo_trainer import ZOTrainer
-from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator
+from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, philox
 
 from conftest import random_token_dataset, tiny_llama
 from test_zo_engine import Quadratic, assert_probe_and_update_match_naive_spsa, zo_estimate
@@ -38,6 +38,47 @@ def test_cuda_directions_have_unit_variance_and_the_requested_correlation():
     assert torch.corrcoef(torch.stack([z0, z1]))[0, 1].item() == pytest.approx(alpha, abs=5e-3)
     again = cuda_direction(DirectionSampler("gaussian", correlation=alpha, seed=4), "w", n, step=2, query=1)
     assert torch.equal(again, z1)  # a pure function of (seed, step, query, name)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "torch code"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_draws_the_numbers_of_the_cpu_kernel_bit_for_bit(kernel, distribution, dtype, monkeypatch):
+    """One call over tensors of many sizes (tile edges, 1, millions), a correlated chain with a link drawn and not
+    added, in place and out of place: the GPU's targets equal the CPU's C kernel's, bit for bit."""
+    if kernel == "torch code":
+        monkeypatch.setattr(philox, "_gpu_kernel_serves", lambda source, target: False)
+    sampler = DirectionSampler(distribution, correlation=-0.4, seed=9)
+    g = torch.Generator().manual_seed(3)
+    sizes = [1, 1023, 1024, 1025, 4096 * 320 + 7, 3_000_001]
+    sources = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    scales = {1: 1e-3, 2: -0.5}  # link 0 drawn, not added
+    results = {}
+    for device in ("cpu", "cuda"):
+        on_device = [s.to(device) for s in sources]
+        targets = [torch.empty_like(s) for s in on_device]
+        sampler.add_to(5, [Addition(f"p{i}", s.shape, scales, s, t) for i, (s, t) in enumerate(zip(on_device, targets))])
+        in_place = on_device[4].clone()
+        sampler.add_to(5, [Addition("p4", in_place.shape, scales, in_place, in_place)])
+        results[device] = [t.cpu() for t in (*targets, in_place)]
+    for i, (cpu, cuda) in enumerate(zip(results["cpu"], results["cuda"])):
+        assert torch.equal(cpu.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           cuda.view(torch.int16 if dtype != torch.float32 else torch.int32)), f"tensor {i}"
+
+
+def test_cuda_prepared_calls_draw_what_add_to_draws():
+    """The estimator's prepared launches (a probe's groups, an update) against `add_to` over the same tensors."""
+    sampler = DirectionSampler("gaussian", seed=2)
+    names, sizes = ["a", "b", "c"], [5, 70_000, 2048]
+    sources = [torch.randn(n, device=CUDA) for n in sizes]
+    targets = [torch.empty_like(s) for s in sources]
+    add = sampler.prepare(names, sources, targets)
+    assert add is not None
+    for step, scales in ((0, {0: 1e-3}), (0, {0: -1e-3}), (7, {1: 0.25})):
+        add(step, scales)
+        expected = [torch.empty_like(s) for s in sources]
+        sampler.add_to(step, [Addition(n, s.shape, scales, s, e) for n, s, e in zip(names, sources, expected)])
+        assert all(torch.equal(t, e) for t, e in zip(targets, expected)), (step, scales)
 
 
 def test_cuda_estimate_is_unbiased():

@@ -5,12 +5,11 @@ name). That is what lets a ZO step run at inference memory (z is drawn again for
 of being kept), and it makes the run independent of parameter order, process count, thread count and
 resume point.
 
-On CPU, entry i of z_k comes from Philox4x32-10 block i // 4 (i // 128 for ±1 entries) under the key
-``direction_seed(seed, step, k, name)`` (see `philox`): no generator state, so a C kernel draws and
-adds z tile by tile on every core, in cache, and nothing parameter-sized is ever allocated to hold z.
-Drawing z is the largest cost of a ZO step after the forwards. On an accelerator, chunks of
-``ACCELERATOR_CHUNK_NUMEL`` entries are drawn by the device's own generator, seeded with
-``chunk_seed(direction_seed(...), c)``, so the numbers differ between CPU and accelerators.
+Entry i of z_k comes from Philox4x32-10 block i // 4 (i // 128 for ±1 entries) under the key
+``direction_seed(seed, step, k, name)`` (see `philox`): no generator state, so a kernel draws and adds
+z tile by tile, in cache or in registers, and nothing parameter-sized is ever allocated to hold z. Drawing
+z is the largest cost of a ZO step after the forwards. The numbers are the same on every device: the C
+kernel on CPU, a Triton kernel on GPUs (`philox_triton`), and the torch code of `philox` elsewhere.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch
 
 from . import philox
 
-ACCELERATOR_CHUNK_NUMEL = 1 << 22  # 16 MiB per buffer: a 1B-parameter draw is ~250 chunks, not 15,000 launches
 DISTRIBUTIONS = ("gaussian", "rademacher", "lowrank")
 """``gaussian`` and ``rademacher`` (±1) are element-wise with mean 0 and variance 1: E[z zᵀ] = I keeps
 SPSA unbiased. ``lowrank``: SubZero's random-subspace directions for matrices (Gaussian for the other
@@ -88,7 +86,7 @@ class DirectionSampler:
 
         ``target`` may be ``source`` (an in-place update). The arithmetic is float32 (float64 for float64
         tensors) with one rounding to the target's dtype, so half-precision copies are exact functions of
-        p and z. On CPU, the float32 additions that draw the same links of the chain share one kernel call.
+        p and z. The additions that draw the same links of the chain share one kernel call (`philox.add_directions`).
         ``check=False`` skips the checks of the tensors, for a caller that made them flat itself (a probe
         draws between two layers' products, where every check costs microseconds: `benchmarks/bench_directions.py`).
         """
@@ -100,7 +98,7 @@ class DirectionSampler:
                         raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
                 if a.source.device != a.target.device:
                     raise ValueError(f"add_to needs source and target on one device, got {a.source.device} and {a.target.device}")
-        batches = defaultdict(list)  # CPU additions with the same links of the chain: one philox call
+        batches = defaultdict(list)  # additions with the same links of the chain: one philox call
         for a in additions:
             if not a.scales:
                 if a.target is not a.source:
@@ -111,26 +109,22 @@ class DirectionSampler:
                     self._lowrank_add_to(a.name, a.shape, step, a.scales, a.source, a.target)
             else:
                 chain = self._links(a.scales)
-                batches[a.source.device.type == "cpu", chain, tuple(k in a.scales for k in chain)].append(a)
-        rademacher = self.distribution == "rademacher"
-        for (on_cpu, chain, _), batch in batches.items():
+                batches[chain, tuple(k in a.scales for k in chain)].append(a)
+        for (chain, _), batch in batches.items():
             seeds = [[self._seed(step, k, a.name) for k in chain] for a in batch]
             scales = [[a.scales.get(k) for k in chain] for a in batch]
-            if on_cpu:  # checked above or by the caller; the batch has the same links in every row
-                philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
-                                      rademacher, check=False)
-            else:
-                for a, row_seeds, row_scales in zip(batch, seeds, scales):
-                    _accelerator_add_directions(a.source, a.target, row_seeds, row_scales, self.correlation, rademacher)
+            # checked above or by the caller; the batch has the same links in every row
+            philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
+                                  self.distribution == "rademacher", check=False)
 
     def prepare(self, names: list[str], sources: list[torch.Tensor], targets: list[torch.Tensor]):
         """``add(step, scales)``, the same as ``add_to(step, [Addition(names[i], ., scales, sources[i], targets[i]) ...])``
-        over these fixed flat tensors, with the kernel's arguments built once (`philox.KernelCall`); None where
-        `add_to` would not draw them in one kernel call (no kernel, SubZero's directions, not float32 on CPU)."""
-        if philox.KERNEL is None or self.distribution == "lowrank" or not sources or any(
-                t.dtype != torch.float32 or t.device.type != "cpu" for t in (*sources, *targets)):
+        over these fixed flat tensors, with the kernel's arguments built once (`philox.prepare`); None where
+        `add_to` would not draw them in one kernel call (no kernel for them, SubZero's directions)."""
+        call = None if self.distribution == "lowrank" else philox.prepare(sources, targets)
+        if call is None:
             return None
-        call, rademacher = philox.KernelCall(sources, targets), self.distribution == "rademacher"
+        rademacher = self.distribution == "rademacher"
 
         def add(step: int, scales: dict[int, float]) -> None:
             chain = self._links(scales)
@@ -218,55 +212,3 @@ class DirectionSampler:
 
     def _generator(self, step: int, query: int, name: str, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(direction_seed(self.seed, step, query, name))
-
-
-# ------------------------------------------------------------------------------------ accelerators
-_MASK64 = (1 << 64) - 1
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The seed of chunk ``chunk`` of a direction seeded with ``seed``: splitmix64 of their sum."""
-    x = (seed + (chunk + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) >> 1
-
-
-_GENERATORS: dict[torch.device, torch.Generator] = {}  # one per device, reseeded before every draw
-
-
-@torch.no_grad()
-def _accelerator_add_directions(source, target, seeds, scales, correlation, is_rademacher):
-    """`philox.add_directions` on an accelerator: chunk c of z_k from the device generator seeded with
-    ``chunk_seed(seeds[k], c)``; float32 arithmetic (float64 for float64 tensors) like the CPU path.
-
-    Few kernels per tensor, since on a GPU the launches of a small model's ~100 tensors cost more than their
-    arithmetic: one draw and one ``add(source, z, out=target)`` per link, which computes in float32 and rounds
-    once into a half-precision target; an accumulator only where several links go into a half-precision one.
-    """
-    beta = math.sqrt(1.0 - correlation**2)
-    generator = _GENERATORS.get(source.device)
-    if generator is None:
-        generator = _GENERATORS[source.device] = torch.Generator(device=source.device)
-    compute = torch.float64 if torch.float64 in (source.dtype, target.dtype) else torch.float32
-    links = sum(scale is not None for scale in scales)
-    for start in range(0, source.numel(), ACCELERATOR_CHUNK_NUMEL):
-        piece = slice(start, min(start + ACCELERATOR_CHUNK_NUMEL, source.numel()))
-        src, dst = source[piece], target[piece]
-        acc = dst if dst.dtype == compute or links == 1 else torch.empty_like(dst, dtype=compute)
-        z, first = None, True
-        for seed, scale in zip(seeds, scales):
-            generator.manual_seed(chunk_seed(seed, start // ACCELERATOR_CHUNK_NUMEL))
-            w = torch.empty_like(src, dtype=compute)
-            if is_rademacher:
-                w.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
-            else:
-                w.normal_(generator=generator)
-            z = w if z is None or not correlation else z.mul_(correlation).add_(w, alpha=beta)
-            if scale is not None:
-                torch.add(src if first else acc, z, alpha=scale, out=acc)
-                first = False
-        if first:
-            acc.copy_(src)
-        if acc is not dst:
-            dst.copy_(acc)

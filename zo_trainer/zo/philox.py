@@ -24,6 +24,7 @@ import importlib.machinery
 import math
 import struct
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -57,9 +58,9 @@ def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> t
 
 
 # ------------------------------------------------------------------------------------- torch code
-def philox_blocks(seed: int, first_block: int, num_blocks: int) -> torch.Tensor:
+def philox_blocks(seed: int, first_block: int, num_blocks: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Blocks ``first_block ...`` of key ``seed`` as an int64 tensor (num_blocks, 4) of 32-bit words."""
-    counter = torch.arange(first_block, first_block + num_blocks, dtype=torch.int64)
+    counter = torch.arange(first_block, first_block + num_blocks, dtype=torch.int64, device=device)
     x0, x1 = counter & MASK32, counter >> 32
     x2 = x3 = torch.zeros_like(counter)
     k0, k1 = seed & MASK32, seed >> 32 & MASK32
@@ -77,10 +78,10 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (high + (low >> 16)) >> 16, (low + ((high & 0xFFFF) << 16)) & MASK32
 
 
-def gaussian(seed: int, first: int, count: int) -> torch.Tensor:
+def gaussian(seed: int, first: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Entries ``first ... first + count - 1`` of the Gaussian direction of ``seed`` (float32)."""
     first_block = first // 4
-    words = philox_blocks(seed, first_block, -(-(first + count) // 4) - first_block)
+    words = philox_blocks(seed, first_block, -(-(first + count) // 4) - first_block, device)
     a, t = words[:, 0::2], words[:, 1::2]  # radius and angle words of the two pairs of each block
     u = (((a >> 9) << 1) | 1).float() * 2.0**-24
     # torch.sqrt of float32 differs from IEEE sqrtf on ~20% of inputs on this CPU build; float64 sqrt
@@ -114,11 +115,11 @@ def _log(u: torch.Tensor) -> torch.Tensor:
     return m + y + exponent * LOG_LN2_HIGH
 
 
-def rademacher(seed: int, first: int, count: int) -> torch.Tensor:
+def rademacher(seed: int, first: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Entries ``first ... first + count - 1`` of the ±1 direction of ``seed`` (float32)."""
     first_block = first // 128
-    words = philox_blocks(seed, first_block, -(-(first + count) // 128) - first_block)
-    bits = (words.unsqueeze(-1) >> torch.arange(32)) & 1  # (block, word, bit): entry order
+    words = philox_blocks(seed, first_block, -(-(first + count) // 128) - first_block, device)
+    bits = (words.unsqueeze(-1) >> torch.arange(32, device=device)) & 1  # (block, word, bit): entry order
     return (bits.reshape(-1)[first - 128 * first_block :][:count] * 2 - 1).float()
 
 
@@ -130,7 +131,7 @@ def _add_directions_torch(source, target, first, seeds, scales, alpha, beta, is_
         acc = source[piece].to(torch.float64 if wide else torch.float32, copy=True)
         z = None
         for seed, scale in zip(seeds, scales):
-            w = draw(seed, first + start, piece.stop - start)
+            w = draw(seed, first + start, piece.stop - start, source.device)
             z = w if z is None or not alpha else z * alpha + w * beta
             if scale is not None:
                 acc = acc + z.to(acc.dtype) * scale
@@ -212,14 +213,16 @@ def add_directions(
     firsts: list[int] | None = None,
     check: bool = True,
 ) -> None:
-    """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk[firsts[t]:]`` for each t, over flat CPU tensors.
+    """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk[firsts[t]:]`` for each t, over flat tensors on any device.
 
     z_tk is drawn with ``seeds[t][k]``, from its entry ``firsts[t]`` on (0 by default: a whole tensor).
     With ``correlation`` α ≠ 0 the z_tk form the chain z_tk = α z_t,k-1 + sqrt(1 - α²) w_tk; a ``None``
     scale draws its link of the chain without adding it, and must be ``None`` in every row. Arithmetic is
     float32 with one rounding to the target's dtype (float64 if either tensor is float64, with z still drawn
     in float32); scales and α are rounded to float32 first. ``targets[t]`` may be ``sources[t]``. The
-    float32 tensors are drawn by one kernel call, so a list of small tensors costs one call, not one each.
+    float32 tensors are drawn by one kernel call, so a list of small tensors costs one call, not one each; on a
+    GPU, the tensors of one source and one target dtype by one launch of `philox_triton`'s kernel (the same numbers).
+    Where neither kernel serves, the torch code draws the same numbers on the tensors' device, more slowly.
     ``check=False`` skips the checks of the arguments, for a caller that has made them already (`DirectionSampler`).
     """
     firsts = [0] * len(sources) if firsts is None else firsts
@@ -230,11 +233,13 @@ def add_directions(
     alpha, beta = _chain_coefficients(correlation)
     seeds = [[int(s) & 0xFFFFFFFFFFFFFFFF for s in row] for row in seeds]
     scales = [[None if s is None else _float32(s) for s in row] for row in scales]
-    if KERNEL is None and not _warned:
-        _warn_once()
-    batch = []  # float32 tensors: one kernel call for all of them
+    batch = []  # float32 CPU tensors: one kernel call for all of them
+    on_gpu = defaultdict(list)  # (source dtype, target dtype) -> GPU tensors drawn by one launch
     for source, target, first, row_seeds, row_scales in zip(sources, targets, firsts, seeds, scales):
-        if KERNEL is None or torch.float64 in (source.dtype, target.dtype):
+        if source.device.type != "cpu" and _gpu_kernel_serves(source, target):
+            on_gpu[source.dtype, target.dtype].append((source, target, first, row_seeds, row_scales))
+        elif KERNEL is None or source.device.type != "cpu" or torch.float64 in (source.dtype, target.dtype):
+            _warn_once(source)
             _add_directions_torch(source, target, first, row_seeds, row_scales, alpha, beta, is_rademacher)
         elif source.dtype == target.dtype == torch.float32:
             batch.append(((source, target, first), row_seeds, row_scales))
@@ -242,7 +247,26 @@ def add_directions(
             _add_directions_half(source, target, first, row_seeds, row_scales, alpha, beta, is_rademacher)
     if batch:
         _kernel([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], alpha, beta, is_rademacher)
+    for rows in on_gpu.values():
+        sources_, targets_, firsts_, seeds_, scales_ = zip(*rows)
+        call = _GPU_KERNEL.KernelCall(list(sources_), list(targets_), list(firsts_))
+        call([s for row in seeds_ for s in row], [list(row) for row in scales_], correlation, is_rademacher)
 
+
+def prepare(sources: list[torch.Tensor], targets: list[torch.Tensor]):
+    """A prepared `add_directions` over these fixed flat tensors, from their first entries: a `KernelCall` (float32 CPU
+    tensors, the C kernel) or a `philox_triton.KernelCall` (GPU tensors of one source and one target dtype, Triton),
+    called as ``call(seeds, scales, correlation, is_rademacher)``; None where no kernel serves them in one call."""
+    if not sources:
+        return None
+    if sources[0].device.type == "cpu":
+        if KERNEL is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (*sources, *targets)):
+            return None
+        return KernelCall(sources, targets)
+    if not all(_gpu_kernel_serves(s, t) and (s.dtype, t.dtype) == (sources[0].dtype, targets[0].dtype)
+               for s, t in zip(sources, targets)):
+        return None
+    return _GPU_KERNEL.KernelCall(sources, targets)
 
 def _check(sources, targets, seeds, scales, firsts) -> None:
     if any(first < 0 for first in firsts):
@@ -255,10 +279,10 @@ def _check(sources, targets, seeds, scales, firsts) -> None:
         if len(row_seeds) != len(used) or [s is not None for s in row_scales] != used:
             raise ValueError(f"every row needs {len(used)} seeds and scales with None at the same links, "
                              f"got seeds {row_seeds} and scales {row_scales}")
-    for source, target in zip(sources, targets):  # raw pointers go to C: refuse anything but flat CPU storage
-        if source.device.type != "cpu" or target.device.type != "cpu" or source.dim() != 1 or not source.is_contiguous() \
+    for source, target in zip(sources, targets):  # raw pointers go to the kernels: refuse anything but flat storage
+        if source.device != target.device or source.dim() != 1 or not source.is_contiguous() \
                 or not target.is_contiguous() or target.shape != source.shape:
-            raise ValueError(f"add_directions needs flat contiguous CPU tensors of equal size, got "
+            raise ValueError(f"add_directions needs flat contiguous tensors of equal size on one device, got "
                              f"{tuple(source.shape)} on {source.device} and {tuple(target.shape)} on {target.device}")
 
 
@@ -364,14 +388,36 @@ def _float32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-_warned = False
+# ------------------------------------------------------------------------------------------ GPUs
+_GPU_KERNEL, WHY_NO_GPU_KERNEL = None, None  # philox_triton once imported, or why it cannot be
+_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _warn_once() -> None:
-    global _warned
-    _warned = True
-    warnings.warn(
-        f"zo_trainer draws CPU directions with torch code because the C kernel is unavailable: {WHY_NO_KERNEL}. "
-        "The numbers are identical but drawing is about 40x slower.",
-        stacklevel=3,
-    )
+def _gpu_kernel_serves(source: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether `philox_triton` draws for these tensors: on a CUDA (or ROCm) device, with Triton installed (imported
+    on the first call; the CPU never needs it), float32 or half precision."""
+    global _GPU_KERNEL, WHY_NO_GPU_KERNEL
+    if source.device.type != "cuda" or source.dtype not in _GPU_DTYPES or target.dtype not in _GPU_DTYPES:
+        return False
+    if _GPU_KERNEL is None and WHY_NO_GPU_KERNEL is None:
+        try:
+            from . import philox_triton
+        except ImportError as error:
+            WHY_NO_GPU_KERNEL = f"Triton cannot be imported ({error}); pip install triton"
+        else:
+            _GPU_KERNEL = philox_triton
+    return _GPU_KERNEL is not None
+
+
+_warned: set[str] = set()  # the device types whose missing kernel was reported
+
+
+def _warn_once(tensor: torch.Tensor) -> None:
+    """Say once per device type that its kernel is missing (float64, which no kernel draws, is not news)."""
+    kind = tensor.device.type
+    why = {"cpu": f"the C kernel is unavailable: {WHY_NO_KERNEL}", "cuda": WHY_NO_GPU_KERNEL}.get(kind)
+    if kind in _warned or why is None or (kind == "cpu" and KERNEL is not None):
+        return
+    _warned.add(kind)
+    warnings.warn(f"zo_trainer draws {kind} directions with torch code because {why}. The numbers are identical but "
+                  "drawing is many times slower.", stacklevel=3)
