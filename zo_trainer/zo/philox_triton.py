@@ -35,7 +35,8 @@ DTYPES = tuple(_TL_DTYPES)  # float64 goes to philox's torch code
 class KernelCall:
     """``targets[t] = sources[t] + Σ_k scales[t][k]·z_tk`` over fixed flat GPU tensors of one source dtype and one
     target dtype, the tensors' table (pointers, sizes, tiles) sent to the device once; each call sends its seeds
-    and scales (one small host-to-device copy, which does not wait for the GPU) and launches one kernel."""
+    and scales and launches one kernel. No copy waits for the GPU: a blocking host-to-device copy synchronises the
+    stream, and the host would stop queueing the forward's work at every group of copies."""
 
     def __init__(self, sources: list[torch.Tensor], targets: list[torch.Tensor], firsts: list[int] | None = None):
         firsts = [0] * len(sources) if firsts is None else firsts
@@ -62,7 +63,7 @@ class KernelCall:
         # int64 columns: first tile of each tensor (and the total), source and target addresses, firsts, sizes
         columns = [*tile_starts, tiles, *(t.data_ptr() for t in sources), *(t.data_ptr() for t in targets), *firsts,
                    *(t.numel() for t in sources)]
-        self.table = torch.tensor(columns, dtype=torch.int64).to(device)
+        self.table = _to_device(struct.pack(f"<{len(columns)}q", *columns), device).view(torch.int64)
         self.source_dtype, self.target_dtype = sources[0].dtype, targets[0].dtype
         self.search_steps = max(1, (self.count - 1).bit_length())
 
@@ -80,9 +81,7 @@ class KernelCall:
         used = sum(1 << k for k, s in enumerate(rows[0]) if s is not None)
         flat_scales = [0.0 if s is None else _float32(s) for row in rows for s in row]
         seed_bits = [s & 0xFFFFFFFFFFFFFFFF for s in seeds]
-        packed = struct.pack(f"<{len(seed_bits)}Q{len(flat_scales)}f", *seed_bits, *flat_scales)
-        # a copy from pageable memory that does not wait for the GPU: the host's bytes are staged at once
-        per_call = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(self.device, non_blocking=True)
+        per_call = _to_device(struct.pack(f"<{len(seed_bits)}Q{len(flat_scales)}f", *seed_bits, *flat_scales), self.device)
         seeds_on_device = per_call[: 8 * len(seed_bits)].view(torch.int64)
         scales_on_device = per_call[8 * len(seed_bits) :].view(torch.float32)
         alpha, beta = _chain_coefficients(correlation)
@@ -93,6 +92,12 @@ class KernelCall:
                 SOURCE=_TL_DTYPES[self.source_dtype], TARGET=_TL_DTYPES[self.target_dtype],
                 SEARCH_STEPS=self.search_steps, TILE=TILE, enable_fp_fusion=False, num_warps=4,
             )
+
+
+def _to_device(packed: bytes, device: torch.device) -> torch.Tensor:
+    """``packed`` as a uint8 tensor on ``device``, by a copy that does not wait for the GPU (CUDA stages pageable
+    host memory before the call returns, so the bytes may go right after it)."""
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(device, non_blocking=True)
 
 
 def add_directions(sources, targets, seeds, scales, correlation=0.0, is_rademacher=False, firsts=None) -> None:
