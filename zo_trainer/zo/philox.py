@@ -1,4 +1,4 @@
-"""Counter-based random directions on CPU: entry i of z is a pure function of (seed, i).
+"""Counter-based random directions: entry i of z is a pure function of (seed, i), the same on every device.
 
 Philox4x32-10 (Salmon et al., SC 2011; the generator of cuRAND and of torch on CUDA) maps a 64-bit
 counter and a 64-bit key to 128 random bits. Direction entries are drawn from those bits:
@@ -11,9 +11,9 @@ counter and a 64-bit key to 128 random bits. Direction entries are drawn from th
 
 Because nothing depends on a generator's state, any slice of z can be drawn on its own: a C kernel
 (``_philox.c``, built by ``pip install``) draws and adds tile by tile on every core, at about a third
-of the cost of ``torch.normal_`` alone (``benchmarks/bench_directions.py``), and the torch code below
-(the fallback where the kernel was not built, and the tests' reference) gives the same numbers bit for
-bit.
+of the cost of ``torch.normal_`` alone (``benchmarks/bench_directions.py``); on GPUs a Triton kernel
+(`philox_triton`) does the same operations; and the torch code below (the fallback where neither kernel
+serves, and the tests' reference) gives the same numbers bit for bit, on any device.
 """
 
 from __future__ import annotations

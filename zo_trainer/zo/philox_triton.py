@@ -26,6 +26,9 @@ import triton.language as tl
 from . import philox
 from .philox import _chain_coefficients, _float32
 
+if int(triton.__version__.split(".")[0]) < 3:
+    raise ImportError(f"the GPU kernel needs Triton >= 3.0 (tl.join), found {triton.__version__}")
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernel on CPU tensors (tests)
 TILE = 1024  # entries per program: 256 Philox blocks (Gaussian) or 8 (±1)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -123,10 +126,10 @@ def _philox(seed, block):
     x3 = x2
     k0, k1 = seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
     for _ in tl.static_range(10):
-        hi0, lo0 = tl.umulhi(x0, _M0), tl.mul(x0, _M0, sanitize_overflow=False)
-        hi1, lo1 = tl.umulhi(x2, _M1), tl.mul(x2, _M1, sanitize_overflow=False)
+        hi0, lo0 = tl.umulhi(x0, _M0), x0 * _M0  # unsigned 32-bit: the products and sums wrap around
+        hi1, lo1 = tl.umulhi(x2, _M1), x2 * _M1
         x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
-        k0, k1 = tl.add(k0, _W0, sanitize_overflow=False), tl.add(k1, _W1, sanitize_overflow=False)
+        k0, k1 = k0 + _W0, k1 + _W1
     return x0, x1, x2, x3
 
 
