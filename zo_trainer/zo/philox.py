@@ -248,9 +248,8 @@ def add_directions(
     if batch:
         _kernel([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], alpha, beta, is_rademacher)
     for rows in on_gpu.values():
-        sources_, targets_, firsts_, seeds_, scales_ = zip(*rows)
-        call = _GPU_KERNEL.KernelCall(list(sources_), list(targets_), list(firsts_))
-        call([s for row in seeds_ for s in row], [list(row) for row in scales_], correlation, is_rademacher)
+        gpu_sources, gpu_targets, gpu_firsts, gpu_seeds, gpu_scales = map(list, zip(*rows))
+        _GPU_KERNEL.add_directions(gpu_sources, gpu_targets, gpu_seeds, gpu_scales, correlation, is_rademacher, gpu_firsts)
 
 
 def prepare(sources: list[torch.Tensor], targets: list[torch.Tensor]):
@@ -267,6 +266,7 @@ def prepare(sources: list[torch.Tensor], targets: list[torch.Tensor]):
                for s, t in zip(sources, targets)):
         return None
     return _GPU_KERNEL.KernelCall(sources, targets)
+
 
 def _check(sources, targets, seeds, scales, firsts) -> None:
     if any(first < 0 for first in firsts):

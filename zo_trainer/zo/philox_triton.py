@@ -31,8 +31,7 @@ if int(triton.__version__.split(".")[0]) < 3:
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernel on CPU tensors (tests)
 TILE = 1024  # entries per program: 256 Philox blocks (Gaussian) or 8 (±1)
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-DTYPES = tuple(_TL_DTYPES)  # float64 goes to philox's torch code
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}  # float64: torch code
 
 
 class KernelCall:
@@ -50,9 +49,9 @@ class KernelCall:
         for source, target, first in zip(sources, targets, firsts):
             if not (source.device == target.device == device and source.dim() == 1 and source.is_contiguous()
                     and target.is_contiguous() and target.shape == source.shape and first >= 0
-                    and source.dtype == sources[0].dtype in DTYPES and target.dtype == targets[0].dtype in DTYPES):
+                    and source.dtype == sources[0].dtype in _TL_DTYPES and target.dtype == targets[0].dtype in _TL_DTYPES):
                 raise ValueError(f"KernelCall needs flat contiguous tensors of equal size on one GPU, every source of one "
-                                 f"dtype and every target of one, each in {DTYPES}; got {source.dtype} "
+                                 f"dtype and every target of one, each in {list(_TL_DTYPES)}; got {source.dtype} "
                                  f"{tuple(source.shape)} on {source.device} and {target.dtype} {tuple(target.shape)} "
                                  f"on {target.device}, first {first}")
         if device.type != ("cpu" if INTERPRETED else "cuda"):
