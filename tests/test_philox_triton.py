@@ -21,7 +21,7 @@ CHECKS = textwrap.dedent("""
     from zo_trainer.zo import philox, philox_triton
 
     g = torch.Generator().manual_seed(0)
-    sizes_and_firsts = [(1, 0), (1000, 0), (1024, 0), (1025, 0), (3000, 37), (257, 1023), (5, 2**40 + 3)]
+    sizes_and_firsts = [(1, 0), (1000, 0), (0, 0), (1024, 0), (1025, 0), (3000, 37), (257, 1023), (5, 2**40 + 3)]
     for is_rademacher in (False, True):
         for seeds, scales, correlation in (([[5]], [[1e-3]], 0.0), ([[2**64 - 3, 9]], [[None, -0.5]], 0.6),
                                            ([[7, 2**63 + 1, 11]], [[0.25, None, 2.0]], -0.3)):
