@@ -20,8 +20,8 @@ The estimate itself is q scalars, the projected gradients; the update redraws th
 
 Drawing z is the largest cost after the forwards (three draws per query: two probes and the update);
 `DirectionSampler.add_to` draws it on every core (on CPU tile by tile, fused with the add), for a
-group of modules per call. A group whose copies are all in the arena is the same tensors at every
-forward, so its call is prepared once (`DirectionSampler.prepare`): what is left of it between two
+group of modules per call. The copies of a group that are in the arena are the same tensors at every
+forward, so their call is prepared once (`DirectionSampler.prepare`): what is left of it between two
 layers' products is the seeds and the kernel.
 """
 
@@ -424,11 +424,12 @@ class _Perturbation:
         return output
 
     def _draw_group(self, first: nn.Module) -> None:
-        """The missing copies of ``first`` and of the modules after it, in one draw. Copies drawn ahead for
+        """The missing copies of ``first`` and of the modules after it, in one draw (two where some copies are not in
+        the arena: those in it are drawn by a prepared call, even in a group with a tied weight). Copies drawn ahead for
         modules that have not run yet stay under GROUP_BYTES in all, so a wrong guess of the order costs
         time, never memory."""
         start = self.position.get(first)
-        params, flats, pooled = [], [], True  # pooled: every copy in the arena, so the same tensors at every forward
+        pooled, own = [], []  # (p, flat copy): in the arena (the same tensors at every forward), or in its own tensor
         for module in [first] if start is None else self.order[start:]:
             missing = [p for _, p in self.owned[module] if id(p) not in self.cache]
             if module is not first and (module in self.fired or not missing or module in self.pieces):
@@ -444,15 +445,15 @@ class _Perturbation:
             for p in missing:
                 taken = self.estimator._arena.take(p) if self.users[id(p)] == 1 and not outlives else None
                 out, flat = taken or _own_copy(p)
-                pooled = pooled and taken is not None
-                params.append(p)
-                flats.append(flat)
+                (own if taken is None else pooled).append((p, flat))
                 self.cache[id(p)] = (out, self.users[id(p)], taken is not None)
-        add = self.estimator._prepared_add(params, flats) if pooled else None
+        add = self.estimator._prepared_add(*map(list, zip(*pooled))) if pooled else None
         if add is not None:
             add(self.step, self.scales)
         else:
-            self.estimator.sampler.add_to(self.step, [self._addition(p, flat) for p, flat in zip(params, flats)], check=False)
+            own += pooled
+        if own:
+            self.estimator.sampler.add_to(self.step, [self._addition(p, flat) for p, flat in own], check=False)
 
 
 class _CopyArena:
