@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench_zo_step import build
+from bench_zo_step import DEVICE, build
 from zo_trainer.zo import DirectionSampler, ZOEstimator, philox, spsa
 
 
@@ -160,7 +160,7 @@ def main() -> None:
     for kind in kinds:
         print(f"{kind:<25}{medians[kind]:>9.4f}{medians[kind] / medians['forward']:>8.3f}"
               f"{minima[kind]:>9.4f}{minima[kind] / minima['forward']:>8.3f}")
-    if philox.KERNEL is not None:
+    if philox.KERNEL is not None and DEVICE.type == "cpu":  # the C kernel draws for CPU tensors only
         for run, draws, what in ((kinds["probe"], PROBE_DRAWS, "a probe's "), (kinds["update"], UPDATE_DRAWS, "an ")):
             for label, (total, kernel) in draw_ms(run, cli.repeats, draws).items():
                 print(f"{what}{label}: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "
