@@ -390,14 +390,14 @@ def _float32(x: float) -> float:
 
 # ------------------------------------------------------------------------------------------ GPUs
 _GPU_KERNEL, WHY_NO_GPU_KERNEL = None, None  # philox_triton once imported, or why it cannot be
-_GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what philox_triton draws (float64: the torch code)
 
 
 def _gpu_kernel_serves(source: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether `philox_triton` draws for these tensors: on a CUDA (or ROCm) device, with Triton installed (imported
     on the first call; the CPU never needs it), float32 or half precision."""
     global _GPU_KERNEL, WHY_NO_GPU_KERNEL
-    if source.device.type != "cuda" or source.dtype not in _GPU_DTYPES or target.dtype not in _GPU_DTYPES:
+    if source.device.type != "cuda" or source.dtype not in GPU_DTYPES or target.dtype not in GPU_DTYPES:
         return False
     if _GPU_KERNEL is None and WHY_NO_GPU_KERNEL is None:
         try:

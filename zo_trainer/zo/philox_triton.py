@@ -31,7 +31,7 @@ if int(triton.__version__.split(".")[0]) < 3:
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernel on CPU tensors (tests)
 TILE = 1024  # entries per program: 256 Philox blocks (Gaussian) or 8 (±1)
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}  # float64: torch code
+DTYPES = {dtype: getattr(tl, str(dtype).removeprefix("torch.")) for dtype in philox.GPU_DTYPES}  # torch's -> Triton's
 
 
 class KernelCall:
@@ -49,9 +49,9 @@ class KernelCall:
         for source, target, first in zip(sources, targets, firsts):
             if not (source.device == target.device == device and source.dim() == 1 and source.is_contiguous()
                     and target.is_contiguous() and target.shape == source.shape and first >= 0
-                    and source.dtype == sources[0].dtype in _TL_DTYPES and target.dtype == targets[0].dtype in _TL_DTYPES):
+                    and source.dtype == sources[0].dtype in DTYPES and target.dtype == targets[0].dtype in DTYPES):
                 raise ValueError(f"KernelCall needs flat contiguous tensors of equal size on one GPU, every source of one "
-                                 f"dtype and every target of one, each in {list(_TL_DTYPES)}; got {source.dtype} "
+                                 f"dtype and every target of one, each in {list(DTYPES)}; got {source.dtype} "
                                  f"{tuple(source.shape)} on {source.device} and {target.dtype} {tuple(target.shape)} "
                                  f"on {target.device}, first {first}")
         if device.type != ("cpu" if INTERPRETED else "cuda"):
@@ -66,7 +66,7 @@ class KernelCall:
         columns = [*tile_starts, tiles, *(t.data_ptr() for t in sources), *(t.data_ptr() for t in targets), *firsts,
                    *(t.numel() for t in sources)]
         self.table = _to_device(struct.pack(f"<{len(columns)}q", *columns), device).view(torch.int64)
-        self.source_dtype, self.target_dtype = sources[0].dtype, targets[0].dtype
+        self.source_type, self.target_type = DTYPES[sources[0].dtype], DTYPES[targets[0].dtype]  # Triton's
         # steps of the bisection, rounded up to a multiple of 4 (a step past the answer keeps it): fewer compilations
         self.search_steps = 4 * -(-max(1, (self.count - 1).bit_length()) // 4)
 
@@ -92,7 +92,7 @@ class KernelCall:
             _add_directions_kernel[(self.tiles,)](
                 self.table, seeds_on_device, scales_on_device, self.count, alpha, beta,
                 CHAIN=chain, USED=used, CORRELATED=bool(alpha) and chain > 1, RADEMACHER=bool(is_rademacher),
-                SOURCE=_TL_DTYPES[self.source_dtype], TARGET=_TL_DTYPES[self.target_dtype],
+                SOURCE=self.source_type, TARGET=self.target_type,
                 SEARCH_STEPS=self.search_steps, TILE=TILE, enable_fp_fusion=False, num_warps=4,
             )
 
