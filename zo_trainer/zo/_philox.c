@@ -182,10 +182,19 @@ static inline void box_muller(const uint32_t *restrict a, const uint32_t *restri
     }
 }
 
-/* Entries [start, start + TILE) of one direction; start is a multiple of TILE. */
-static inline __attribute__((always_inline)) void draw_tile(uint64_t seed, int64_t start, int rademacher, float *restrict w) {
+/* The Gaussian entries [start, start + TILE) of one direction in block order: z[j][l] is entry start + 4l + j
+ * (entry 4b + 2p + j comes from words 2p (radius) and 2p + 1 (angle) of block b); start is a multiple of TILE. */
+static inline __attribute__((always_inline)) void gaussian_tile(uint64_t seed, int64_t start, float z[4][TILE_BLOCKS]) {
     uint32_t x[4][TILE_BLOCKS];
+    philox(seed, (uint64_t)start / 4, TILE_BLOCKS, x);
+    box_muller(x[0], x[1], z[0], z[1]);
+    box_muller(x[2], x[3], z[2], z[3]);
+}
+
+/* Entries [start, start + TILE) of one direction, in entry order; start is a multiple of TILE. */
+static inline __attribute__((always_inline)) void draw_tile(uint64_t seed, int64_t start, int rademacher, float *restrict w) {
     if (rademacher) {  /* entry e: bit e % 32 of word (e / 32) % 4 of block e / 128 */
+        uint32_t x[4][TILE_BLOCKS];
         philox(seed, (uint64_t)start / 128, 2, x);
         for (int j = 0; j < TILE / 32; j++) {
             uint32_t word = x[j & 3][j >> 2];
@@ -193,10 +202,8 @@ static inline __attribute__((always_inline)) void draw_tile(uint64_t seed, int64
         }
         return;
     }
-    float z[4][TILE_BLOCKS];  /* entry 4b + 2p + j comes from words 2p (radius) and 2p + 1 (angle) of block b */
-    philox(seed, (uint64_t)start / 4, TILE_BLOCKS, x);
-    box_muller(x[0], x[1], z[0], z[1]);
-    box_muller(x[2], x[3], z[2], z[3]);
+    float z[4][TILE_BLOCKS];
+    gaussian_tile(seed, start, z);
     for (int l = 0; l < TILE_BLOCKS; l++)
         for (int j = 0; j < 4; j++) w[4 * l + j] = z[j][l];
 }
@@ -214,6 +221,22 @@ static void add_tile(const float *source, float *target, int64_t first, int64_t 
     int64_t begin = tile * TILE, offset = begin - first;  /* entry begin + i is source[offset + i] */
     int64_t lo = offset < 0 ? -offset : 0, hi = n - offset < TILE ? n - offset : TILE;
     int whole = lo == 0 && hi == TILE;  /* fixed bounds: the loops over a whole tile are vectorised without tails */
+    if (whole && chain == 1 && used[0]) {  /* a probe's copies, a one-query update: z added as it is drawn, ~10% faster */
+        const float *s = source + offset;
+        float *t = target + offset;  /* may be s: each entry is read before it is written */
+        if (rademacher) {
+            draw_tile(seeds[0], begin, 1, w);
+            #pragma GCC ivdep
+            for (int i = 0; i < TILE; i++) t[i] = s[i] + scales[0] * w[i];
+        } else {
+            float g[4][TILE_BLOCKS];
+            gaussian_tile(seeds[0], begin, g);
+            #pragma GCC ivdep
+            for (int l = 0; l < TILE_BLOCKS; l++)
+                for (int j = 0; j < 4; j++) t[4 * l + j] = s[4 * l + j] + scales[0] * g[j][l];
+        }
+        return;
+    }
     if (whole)
         for (int i = 0; i < TILE; i++) acc[i] = source[offset + i];
     else {
