@@ -4,6 +4,7 @@
     python benchmarks/bench_zo_step.py --quick              # small only, 2 repeats (< 1 min)
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,mezo_q1 --repeats 31   # the target, tighter
+    python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1 --memory-runs 11       # memory medians, tighter
     python benchmarks/bench_zo_step.py --models small,20m,1b     # on a GPU (CUDA is used when present)
     python benchmarks/bench_zo_step.py --models 128k-vocab --kinds zo_q1,mezo_q1 --repeats 5   # a head larger than its logits
 
@@ -18,7 +19,7 @@ its logits) and, for GPUs, "1b" (TinyLlama's shape, 1.1B params, batch 8x256). F
   and with SubZero low-rank directions (rank 4) for q=1, an inline MeZO
   reference step (the published 4-sweep algorithm) for q=1 and q=4, and FO steps with SGD and AdamW;
 * peak memory of inference (2 x 2 forwards) / ZO step (q=1) / FO-SGD / FO-AdamW step, each the median over
-  3 fresh subprocesses (1 on CUDA, whose count is exact) running 2 steps:
+  --memory-runs fresh subprocesses (3; 1 on CUDA, whose count is exact), the kinds alternated, running 2 steps:
   on CUDA ``max_memory_allocated``; on CPU peak RSS in total and as the increment over the RSS right
   after building model and batch, so the Python + torch + weights baseline does not hide a step's cost;
   on CPU twice: with glibc's default allocator, and with a fixed mmap threshold ("no-frag"), whose peak
@@ -245,13 +246,19 @@ ALLOCATORS = {  # name -> environment of the memory subprocess
 } if DEVICE.type == "cpu" else {"cuda": {}}  # CUDA: the caching allocator's count of live tensors
 
 
-def memory_in_subprocess(name: str, kind: str, allocator: str) -> dict:
-    """Median over MEMORY_RUNS fresh processes (glibc's heap grows differently from one run to the next)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
+def memory_in_subprocesses(name: str, allocator: str, runs: int) -> dict:
+    """Per kind, the median over ``runs`` fresh processes, the kinds alternated: glibc's heap grows differently
+    from one process to the next (hash seeds, thread timing), so that its peak is either ~630-660 or ~665-700
+    MiB above the start at 20m, for inference as for ZO."""
     env = {**os.environ, **ALLOCATORS[allocator]}
-    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
-            for _ in range(MEMORY_RUNS)]
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]} | {"runs": runs}
+    measured = {kind: [] for kind in MEM_KINDS}
+    for _ in range(runs):
+        for kind in MEM_KINDS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            measured[kind].append(json.loads(out.strip().splitlines()[-1]))
+    return {kind: {key: statistics.median(run[key] for run in kind_runs) for key in kind_runs[0]} | {"runs": kind_runs}
+            for kind, kind_runs in measured.items()}
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -321,6 +328,8 @@ def main():
     parser.add_argument("--repeats", type=int, help=f"timed repeats per kind (default {DEFAULT_REPEATS})")
     parser.add_argument("--kinds", default=",".join(TIMED_KINDS),
                         help="comma-separated steps to time against 2 forwards (fewer kinds, more repeats: tighter medians)")
+    parser.add_argument("--memory-runs", type=int, default=MEMORY_RUNS,
+                        help=f"fresh processes per memory kind and allocator, medians reported (default {MEMORY_RUNS})")
     parser.add_argument("--quick", action="store_true", help="small model only, 2 repeats: a smoke check")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)  # (model, kind): child process
@@ -336,7 +345,9 @@ def main():
     if set(kinds) - set(TIMED_KINDS):
         parser.error(f"unknown kinds {sorted(set(kinds) - set(TIMED_KINDS))}; choose from {list(TIMED_KINDS)}")
     # memory first: a child's ru_maxrss starts at this process's peak, so keep that small
-    memory = {n: {a: {kind: memory_in_subprocess(n, kind, a) for kind in MEM_KINDS} for a in ALLOCATORS} for n in names}
+    if args.memory_runs < 1:
+        parser.error(f"--memory-runs={args.memory_runs} must be >= 1")
+    memory = {n: {a: memory_in_subprocesses(n, a, args.memory_runs) for a in ALLOCATORS} for n in names}
     results = {}
     for n in names:
         repeats = 2 if args.quick else args.repeats or DEFAULT_REPEATS[n]

@@ -465,8 +465,8 @@ def test_blocks_of_a_linear_layer_with_a_bias_and_a_forward_set_on_it(monkeypatc
 def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     """Inference memory: the running module's copies and at most GROUP_BYTES drawn ahead, also at the first
     probe, which guesses the order from the registration order (in which each layer's norms come after its
-    MLP); no full copy of the large tied embedding (rows looked up, the head multiplied in blocks; without the
-    C kernel, a full copy while the LM head runs); and the draws are grouped."""
+    MLP); no full copy of the large tied embedding (rows looked up, the head multiplied in blocks, both in the
+    arena; without the C kernel, a full copy while the LM head runs); and the draws are grouped."""
     model = tiny_llama(hidden=64, layers=4)  # per layer: 4 x 16 KiB attention, 3 x 32 KiB MLP matrices
     monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -484,12 +484,16 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
 
     monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
     monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the 64 KiB table counts as large, the layers do not
+    allocated, empty_like = [], spsa._empty_like
+    monkeypatch.setattr(spsa, "_empty_like", lambda p: allocated.append(p.shape) or empty_like(p))
     for step in range(3):
-        alive.clear(), draws.clear()
+        alive.clear(), draws.clear(), allocated.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
         head_copy = 0 if philox.KERNEL is not None else embedding.numel() * 4
         assert max(alive) <= head_copy + 100 * 1024 + 128 * 64 * 4  # a group ahead and the running MLP's copy
         assert estimator._arena.live == 0 and estimator._arena.offset == 0  # every copy given back
+        if philox.KERNEL is not None and step:  # in the order learned, every copy, row and block is in the arena
+            assert allocated == [] and 8192 < estimator._arena.buffer.numel() < 100 * 1024 + 128 * 64 * 4 + 64
     owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     assert len(draws) < owners / 2, "the copies were drawn one module at a time"
 

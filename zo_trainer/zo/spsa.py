@@ -14,7 +14,9 @@ looks up, a linear layer (an LM head) multiplies by its perturbed weight a block
 falls back to a full copy where its pieces cannot serve: see `_pieces`, `_look_up_perturbed_rows`,
 `_multiply_in_blocks`). A tied embedding's full copy, kept from the embedding to the LM head, displaced
 activations in glibc's heap; an LM head's, made afresh at every probe, cost fresh pages each time, and
-where the head outweighs the logits (large vocabularies) it set the peak.
+where the head outweighs the logits (large vocabularies) it set the peak. The copies, the rows and the
+blocks are all carved from one buffer allocated once (`_CopyArena`), so a probe forward asks the heap
+for nothing more than the same forward without ZO does.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
@@ -231,7 +233,8 @@ class ZOEstimator:
             sizes = [sum(p.numel() * p.element_size() for _, p in params)
                      for module, params in owned.items() if module not in pieces]
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
-            self._arena = _CopyArena(GROUP_BYTES + largest, trainable[0][1].device)
+            blocks = [_block_bytes(module.weight) for module, kind in pieces.items() if kind == "blocks"]
+            self._arena = _CopyArena(max([GROUP_BYTES + largest, *blocks]), trainable[0][1].device)
         return self._owners_value
 
     def _prepared_add(self, params: list[nn.Parameter], flats: list[torch.Tensor]):
@@ -355,7 +358,7 @@ class _Perturbation:
         if rows is None:  # a keyword input, or ids the lookup itself must reject: perturb the whole table
             module._parameters["weight"] = self._perturbed_copy(weight)
             return None
-        compact = torch.empty((len(rows), weight.shape[1]), dtype=weight.dtype)
+        compact = self._take(weight[: len(rows)])
         self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows.long(), compact,
                                         self.scales)
         module._parameters["weight"] = compact
@@ -365,8 +368,9 @@ class _Perturbation:
     def _multiply_in_blocks(self, module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
         """The forward of a large `nn.Linear` in the probe: ``input @ (weight + δz)ᵀ + (bias + δz_b)``, one block of
         output features at a time, each block of rows of the perturbed weight drawn right before its product into one
-        buffer of at most ~BLOCK_BYTES. The buffer comes from the heap space the layers' activations left and is
-        freed before the loss (one kept in the arena would sit under the loss's peak). Each output entry is still
+        buffer of at most ~BLOCK_BYTES, taken from the arena (empty while the head runs, and sized for the block):
+        one allocated at every probe unsettled glibc's heap, whose peak then rose by ~40 MiB in more processes
+        than without ZO (`benchmarks/README.md`). Each output entry is still
         one dot product of an input row with a perturbed weight row; the BLAS may sum a narrow product in another
         order than a wide one, so the output equals a full copy's to float32 rounding (the tests check it)."""
         params = dict(self.owned[module])
@@ -377,10 +381,8 @@ class _Perturbation:
                 and self.estimator.sampler.can_add_rows(weight)
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(input.device.type)):
             return F.linear(input, self._perturbed_copy(weight), bias)  # what the products into `out` cannot serve
-        blocks = -(-weight.numel() * weight.element_size() // BLOCK_BYTES)
-        # about equal blocks, each a multiple of 16 rows wide: a product of odd width is slower
-        rows = -(-weight.shape[0] // blocks // 16) * 16
-        block = _empty_like(weight[:rows])
+        rows = _block_rows(weight)
+        block = self._take(weight[:rows])
         out = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
         inputs, outputs = input.reshape(-1, weight.shape[1]), out.view(-1, weight.shape[0])
         name, stored = self.estimator.name_of(weight), weight.detach()
@@ -392,7 +394,18 @@ class _Perturbation:
                 torch.mm(inputs, perturbed.T, out=columns)
             else:
                 torch.addmm(bias[start : start + len(perturbed)], inputs, perturbed.T, out=columns)
+        self._give_back(block)
         return out
+
+    def _take(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like ``like`` for a large weight's pieces: from the arena, which is empty
+        while a leaf module runs, else of its own."""
+        taken = self.estimator._arena.take(like)
+        return _empty_like(like) if taken is None else taken[0]
+
+    def _give_back(self, piece: torch.Tensor) -> None:
+        if self.estimator._arena.holds(piece):
+            self.estimator._arena.release()
 
     def _perturbed_copy(self, p: nn.Parameter) -> torch.Tensor:
         """``p + δz`` in a tensor of its own (for what the pieces of a large weight cannot serve)."""
@@ -409,6 +422,7 @@ class _Perturbation:
             return output
         self.running.remove(module)
         if self.pieces.get(module) == "rows":
+            self._give_back(module._parameters["weight"])
             module._parameters["weight"] = self.owned[module][0][1]
             module.padding_idx = self.padding.pop(module)
             return output
@@ -489,6 +503,10 @@ class _CopyArena:
             self.views[key] = flat.view(like.shape), flat
         return self.views[key]
 
+    def holds(self, t: torch.Tensor) -> bool:
+        start = self.buffer.data_ptr()
+        return start <= t.data_ptr() < start + self.buffer.numel()
+
     def reset(self) -> None:
         self.offset = self.live = 0
 
@@ -511,6 +529,17 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         if self.accel is not None:
             torch.cuda.set_rng_state(self.accel, self.device)
+
+
+def _block_rows(weight: torch.Tensor) -> int:
+    """Rows of a large linear layer's perturbed weight multiplied at a time: about equal blocks of at most
+    ~BLOCK_BYTES, each a multiple of 16 rows wide (a product of odd width is slower)."""
+    blocks = -(-weight.numel() * weight.element_size() // BLOCK_BYTES)
+    return -(-weight.shape[0] // blocks // 16) * 16
+
+
+def _block_bytes(weight: torch.Tensor) -> int:
+    return min(_block_rows(weight), weight.shape[0]) * weight[0].numel() * weight.element_size()
 
 
 def _empty_like(p: torch.Tensor) -> torch.Tensor:
