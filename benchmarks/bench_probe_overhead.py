@@ -51,17 +51,19 @@ class CopyOnlySampler(DirectionSampler):
 
 
 def group_draws(probe) -> int:
-    """How many draws of a group of copies ``probe()`` makes (one kernel call each)."""
-    calls, draw_group = [], spsa._Perturbation._draw_group
-    spsa._Perturbation._draw_group = lambda self, first: calls.append(first) or draw_group(self, first)
+    """How many draws of a group of copies ``probe()`` makes (one kernel call each; one for all the copies where
+    they fit in the arena at once)."""
+    calls, draw = [], spsa._Perturbation._draw
+    spsa._Perturbation._draw = lambda self, pooled, own: calls.append(len(pooled)) or draw(self, pooled, own)
     try:
         probe()
     finally:
-        spsa._Perturbation._draw_group = draw_group
+        spsa._Perturbation._draw = draw
     return len(calls)
 
 
 PROBE_DRAWS = {  # what a probe draws, and the function that draws it (each makes one kernel call)
+    "copies, all at once": (spsa._Perturbation, "_swap_in_everything"),
     "groups of copies": (spsa._Perturbation, "_draw_group"),
     "blocks of the LM head": (DirectionSampler, "add_row_block"),
     "embedding rows": (DirectionSampler, "add_rows"),

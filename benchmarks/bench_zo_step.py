@@ -62,7 +62,7 @@ MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
     # (263 MB), as at Llama 3 8B with a micro-batch of 2048 tokens; where a full perturbed copy of the head would set the peak
     "128k-vocab": (WIDE_VOCAB, 1, 512),
 }
-DEFAULT_REPEATS = {"small": 9, "20m": 7, "1b": 7, "128k-vocab": 5}  # 20m: ~30 s a repeat on 2 CPU cores; this machine is noisy
+DEFAULT_REPEATS = {"small": 41, "20m": 7, "1b": 7, "128k-vocab": 5}  # small: ~1.5 s a repeat, 20m: ~30 s on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
 MEM_KINDS = ("inference", "zo", "fo_sgd", "fo_adamw")
 QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "mezo_q1": 1, "mezo_q4": 4}

@@ -300,17 +300,33 @@ def test_probe_and_update_match_naive_spsa_on_tied_llama():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
-def test_copies_drawn_in_groups_equal_copies_drawn_module_by_module(monkeypatch):
-    """Grouped draws (registration order at the first probe, the recorded forward order after it, where
-    each layer's norm runs before its projections) give the same probe losses, bit for bit."""
-    model = tiny_llama(layers=3)
+def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypatch):
+    """Every copy drawn at once and swapped in for the whole forward (where they all fit in the arena: no
+    hooks, and a weight read outside its module's forward is perturbed too), grouped draws (registration
+    order at the first probe, the recorded forward order after it, where each layer's norm runs before its
+    projections) and draws module by module give the same probe losses, bit for bit."""
+    model = tiny_llama(layers=3)  # 560 KiB of weights
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
-    grouped = [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses for step in range(3)]
+    seen = []  # per forward: (any pre-hook on a module, the head's weight is the stored one)
+
+    def loss_fn():
+        seen.append((any(m._forward_pre_hooks for m in model.modules()), model.lm_head.weight is head))
+        return model(input_ids=ids, labels=ids).loss
+
+    head = model.lm_head.weight
+    probes = lambda: [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses  # noqa: E731
+                      for step in range(3)]
+    at_once = probes()
+    assert set(seen) == {(False, False)}
+    seen.clear()
+    monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)  # the arena holds 100 KiB + one layer's MLP: groups
+    grouped = probes()
+    assert set(seen) == {(True, True)}
     monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # one module per draw
-    alone = [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses for step in range(3)]
-    for a, b in zip(grouped, alone):
-        assert torch.equal(a, b)
+    alone = probes()
+    for a, b, c in zip(at_once, grouped, alone):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert model.lm_head.weight is head and not any(m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.skipif(philox.KERNEL is None, reason="rows are looked up only where the C kernel draws them")

@@ -8,15 +8,18 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 ``θ + εz − 2εz + εz`` of MeZO drifts in half precision), a failed forward cannot leave the model
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 4 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
-last, so they are drawn once per forward). On CPU with the C kernel, a plain `nn.Embedding` or
-`nn.Linear` whose weight is over 32 MiB does not copy it whole: an embedding perturbs only the rows it
-looks up, a linear layer (an LM head) multiplies by its perturbed weight a block of rows at a time (each
-falls back to a full copy where its pieces cannot serve: see `_pieces`, `_look_up_perturbed_rows`,
-`_multiply_in_blocks`). A tied embedding's full copy, kept from the embedding to the LM head, displaced
-activations in glibc's heap; an LM head's, made afresh at every probe, cost fresh pages each time, and
-where the head outweighs the logits (large vocabularies) it set the peak. The copies, the rows and the
-blocks are all carved from one buffer allocated once (`_CopyArena`), so a probe forward asks the heap
-for nothing more than the same forward without ZO does.
+last, so they are drawn once per forward). A model whose copies all fit in that space (a few million
+parameters) has them drawn at once and swapped in for the whole forward, without hooks.
+
+On CPU with the C kernel, a plain `nn.Embedding` or `nn.Linear` whose weight is over 32 MiB does not
+copy it whole: an embedding perturbs only the rows it looks up, a linear layer (an LM head) multiplies
+by its perturbed weight a block of rows at a time (each falls back to a full copy where its pieces
+cannot serve: see `_pieces`, `_look_up_perturbed_rows`, `_multiply_in_blocks`). A tied embedding's full
+copy, kept from the embedding to the LM head, displaced activations in glibc's heap; an LM head's, made
+afresh at every probe, cost fresh pages each time, and where the head outweighs the logits (large
+vocabularies) it set the peak. The copies, the rows and the blocks are all carved from one buffer
+allocated once (`_CopyArena`), so a probe forward asks the heap for nothing more than the same forward
+without ZO does.
 
 The estimate itself is q scalars, the projected gradients; the update redraws the same z from seeds.
 
@@ -102,6 +105,7 @@ class ZOEstimator:
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
+        self._whole = False  # every perturbed copy fits in the arena at once (set by _owners)
         self._owners_key: tuple | None = None  # device, ids and storage of the trainable parameters _owners_value was built for
         self._owners_value: tuple[dict, dict, dict] = ({}, {}, {})
         self._flat: dict[int, torch.Tensor] = {}  # id(p) -> flat view of p, for the trainable parameters of _owners_key
@@ -208,7 +212,8 @@ class ZOEstimator:
     def _owners(self, trainable) -> tuple[dict, dict, dict]:
         """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
         copy of each parameter (tied weights), and the modules that perturb a large weight in pieces (module ->
-        "rows" or "blocks", see `_pieces`). Walked once per set of trainable parameters, not once per forward; a
+        "rows" or "blocks", see `_pieces`); and whether every copy fits in the arena at once (`_whole`). Walked
+        once per set of trainable parameters, not once per forward; a
         new set also resets the guess of the forward order, sizes the arena of perturbed copies for it and takes
         the flat views the draws read (the storage is in the key: ``p.data = ...`` gives p another)."""
         key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
@@ -235,6 +240,8 @@ class ZOEstimator:
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             blocks = [_block_bytes(module.weight) for module, kind in pieces.items() if kind == "blocks"]
             self._arena = _CopyArena(max([GROUP_BYTES + largest, *blocks]), trainable[0][1].device)
+            footprint = sum(self._arena.footprint(p) for _, p in trainable)
+            self._whole = not pieces and footprint <= self._arena.buffer.numel()
         return self._owners_value
 
     def _prepared_add(self, params: list[nn.Parameter], flats: list[torch.Tensor]):
@@ -277,7 +284,7 @@ class _Perturbation:
 
     The copies are drawn a group at a time: at the first module of a group, its own and those of the
     modules that follow it in the previous forward's order, up to ``GROUP_BYTES`` ahead, in one call,
-    into the estimator's `_CopyArena`.
+    into the estimator's `_CopyArena` (all at once, without hooks, where they all fit in it).
     Why: a call made between two layers' matrix products finds the interpreter's code and data evicted
     from the caches and costs 0.04-0.17 ms more than the same call made warm (`benchmarks/bench_directions.py`).
     """
@@ -305,6 +312,10 @@ class _Perturbation:
         self.ahead_bytes = 0
         self.padding: dict[nn.Module, int | None] = {}  # embedding -> its padding_idx, while it looks up rows
         self.handles = []
+        self.forwards = {}
+        if self.estimator._whole:
+            self._swap_in_everything()
+            return self
         for module in self.owned:
             self.handles.append(module.register_forward_pre_hook(self._swap_in))
             self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
@@ -329,6 +340,20 @@ class _Perturbation:
         for module, forward in self.forwards.items():
             if vars(module).get("forward") is forward:  # not one set on top of ours since
                 del module.forward
+
+    def _swap_in_everything(self) -> None:
+        """Where every copy fits in the arena (small models): all drawn by one call and swapped in for the whole
+        context, no hooks. It takes no more memory than the groups would, and saves the Python of two hooks per
+        owning module, which at 1.3M parameters costs more than the draw."""
+        copies, pooled, own = {}, [], []
+        for _, p in self.trainable:
+            taken = self.estimator._arena.take(p)  # None only for a parameter on another device than the arena
+            copies[id(p)], flat = taken or _own_copy(p)
+            (own if taken is None else pooled).append((p, flat))
+        self._draw(pooled, own)
+        for module, params in self.owned.items():
+            for local_name, p in params:
+                module._parameters[local_name] = copies[id(p)]
 
     def _swap_in(self, module, args):
         self.fired[module] = None
@@ -461,11 +486,15 @@ class _Perturbation:
                 out, flat = taken or _own_copy(p)
                 (own if taken is None else pooled).append((p, flat))
                 self.cache[id(p)] = (out, self.users[id(p)], taken is not None)
+        self._draw(pooled, own)
+
+    def _draw(self, pooled: list, own: list) -> None:
+        """``flat = p + δz`` for each (p, flat copy): those in the arena by a prepared call, the others by another."""
         add = self.estimator._prepared_add(*map(list, zip(*pooled))) if pooled else None
         if add is not None:
             add(self.step, self.scales)
         else:
-            own += pooled
+            own = own + pooled
         if own:
             self.estimator.sampler.add_to(self.step, [self._addition(p, flat) for p, flat in own], check=False)
 
@@ -487,6 +516,10 @@ class _CopyArena:
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.offset = self.live = 0
         self.views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the same copies recur at every forward
+
+    def footprint(self, like: torch.Tensor) -> int:
+        """Bytes that taking a tensor shaped like ``like`` uses up at most (its size, aligned)."""
+        return -(-like.numel() * like.element_size() // self.ALIGN) * self.ALIGN
 
     def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An uninitialised tensor shaped like ``like``, and its flat view; None where it does not fit."""
