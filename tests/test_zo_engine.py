@@ -317,7 +317,11 @@ def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypat
     probes = lambda: [ZOEstimator(model, eps=1e-3, num_queries=2, seed=5).probe(loss_fn, step).losses  # noqa: E731
                       for step in range(3)]
     at_once = probes()
+    estimator = ZOEstimator(model, eps=1e-3, seed=5)
+    estimator.probe(loss_fn, 0)
     assert set(seen) == {(False, False)}
+    weights, count = sum(p.numel() * p.element_size() for p in model.parameters()), len(list(model.parameters()))
+    assert weights <= estimator._arena.buffer.numel() < weights + 64 * count  # sized for the copies, no more
     seen.clear()
     monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)  # the arena holds 100 KiB + one layer's MLP: groups
     grouped = probes()

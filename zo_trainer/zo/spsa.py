@@ -239,9 +239,10 @@ class ZOEstimator:
                      for module, params in owned.items() if module not in pieces]
             largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
             blocks = [_block_bytes(module.weight) for module, kind in pieces.items() if kind == "blocks"]
-            self._arena = _CopyArena(max([GROUP_BYTES + largest, *blocks]), trainable[0][1].device)
-            footprint = sum(self._arena.footprint(p) for _, p in trainable)
-            self._whole = not pieces and footprint <= self._arena.buffer.numel()
+            capacity = max([GROUP_BYTES + largest, *blocks])
+            footprint = sum(_CopyArena.footprint(p) for _, p in trainable)
+            self._whole = not pieces and footprint <= capacity
+            self._arena = _CopyArena(footprint if self._whole else capacity, trainable[0][1].device)
         return self._owners_value
 
     def _prepared_add(self, params: list[nn.Parameter], flats: list[torch.Tensor]):
@@ -517,9 +518,10 @@ class _CopyArena:
         self.offset = self.live = 0
         self.views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the same copies recur at every forward
 
-    def footprint(self, like: torch.Tensor) -> int:
+    @classmethod
+    def footprint(cls, like: torch.Tensor) -> int:
         """Bytes that taking a tensor shaped like ``like`` uses up at most (its size, aligned)."""
-        return -(-like.numel() * like.element_size() // self.ALIGN) * self.ALIGN
+        return -(-like.numel() * like.element_size() // cls.ALIGN) * cls.ALIGN
 
     def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An uninitialised tensor shaped like ``like``, and its flat view; None where it does not fit."""
