@@ -291,13 +291,19 @@ def assert_probe_and_update_match_naive_spsa(model, ids, direction, eps=1e-2, lr
     optimizer.step()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n].float(), rtol=0, atol=1e-6)
+    return estimator
 
 
-def test_probe_and_update_match_naive_spsa_on_tied_llama():
+@pytest.mark.parametrize("at_once", [True, False])
+def test_probe_and_update_match_naive_spsa_on_tied_llama(at_once, monkeypatch):
+    """Copies swapped in for the whole forward, or by hooks (the tied copy kept from the embedding to the head)."""
+    if not at_once:
+        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
     model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding
     ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
+    estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert estimator._whole == at_once
 
 
 def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypatch):
@@ -579,9 +585,11 @@ def test_the_arena_reuses_its_buffer_once_empty_and_refuses_what_does_not_fit():
         assert len(arena.views) == (n - 1) % spsa._CopyArena.MAX_VIEWS + 1  # cleared when full, then refilled
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "lowrank"])
+@pytest.mark.parametrize("distribution, at_once", [("gaussian", True), ("lowrank", True), ("gaussian", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_probes_restore_weights_exactly(dtype, distribution):
+def test_probes_restore_weights_exactly(dtype, distribution, at_once, monkeypatch):
+    if not at_once:
+        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # copies swapped in and out by hooks
     model = tiny_llama(dtype=dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -592,19 +600,24 @@ def test_probes_restore_weights_exactly(dtype, distribution):
         optimizer.step()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()) and estimator._whole == at_once
 
 
-def test_a_failing_forward_leaves_weights_untouched(llama):
+@pytest.mark.parametrize("at_once", [True, False])
+def test_a_failing_forward_leaves_weights_untouched(llama, at_once, monkeypatch):
+    """Copies swapped in for the whole forward, or module by module by hooks."""
+    if not at_once:
+        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
     before = {n: p.detach().clone() for n, p in llama.named_parameters()}
     estimator = ZOEstimator(llama, seed=0)
 
     def exploding_loss():
-        llama.model.embed_tokens(torch.zeros(1, 4, dtype=torch.long))  # weights are swapped in here...
-        raise RuntimeError("boom")  # ...and the forward dies before the swap-out hook
+        llama.model.embed_tokens(torch.zeros(1, 4, dtype=torch.long))  # weights are swapped in by here...
+        raise RuntimeError("boom")  # ...and the forward dies before a swap-out
 
     with pytest.raises(RuntimeError, match="boom"):
         estimator.probe(exploding_loss, 0)
+    assert estimator._whole == at_once
     for n, p in llama.named_parameters():
         assert isinstance(llama.get_parameter(n), nn.Parameter)
         assert torch.equal(p, before[n])
