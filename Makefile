@@ -1,5 +1,6 @@
 # `make run` pretrains the embedded default with ZO; `make test` runs the test suite. Both install first.
 PYTHON ?= python
+THREADS ?= $(shell nproc)  # accelerate launch without a config runs a CPU process on one thread
 
 .PHONY: install run test bench
 
@@ -8,7 +9,7 @@ install:
 	$(PYTHON) -m pip install -e ".[test]"
 
 run: install
-	accelerate launch recipes/pretrain_zo.py
+	accelerate launch --num_cpu_threads_per_process $(THREADS) recipes/pretrain_zo.py
 
 test: install
 	$(PYTHON) -m pytest -q
