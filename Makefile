@@ -1,6 +1,7 @@
 # `make run` pretrains the embedded default with ZO; `make test` runs the test suite. Both install first.
 PYTHON ?= python
-THREADS ?= $(shell nproc)  # accelerate launch without a config runs a CPU process on one thread
+# accelerate launch without a config runs a CPU process on one thread
+THREADS ?= $(shell nproc)
 
 .PHONY: install run test bench
 
