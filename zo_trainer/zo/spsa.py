@@ -213,9 +213,9 @@ class ZOEstimator:
         """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
         copy of each parameter (tied weights), and the modules that perturb a large weight in pieces (module ->
         "rows" or "blocks", see `_pieces`); and whether every copy fits in the arena at once (`_whole`). Walked
-        once per set of trainable parameters, not once per forward; a
-        new set also resets the guess of the forward order, sizes the arena of perturbed copies for it and takes
-        the flat views the draws read (the storage is in the key: ``p.data = ...`` gives p another)."""
+        once per set of trainable parameters, not once per forward; a new set also resets the guess of the
+        forward order, sizes the arena of perturbed copies for it and takes the flat views the draws read (the
+        storage is in the key: ``p.data = ...`` gives p another)."""
         key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
         if self._owners_key != key:
             self._flat = {id(p): _flat_view(p) for _, p in trainable}
@@ -394,11 +394,11 @@ class _Perturbation:
     def _multiply_in_blocks(self, module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
         """The forward of a large `nn.Linear` in the probe: ``input @ (weight + δz)ᵀ + (bias + δz_b)``, one block of
         output features at a time, each block of rows of the perturbed weight drawn right before its product into one
-        buffer of at most ~BLOCK_BYTES, taken from the arena (empty while the head runs, and sized for the block):
-        one allocated at every probe unsettled glibc's heap, whose peak then rose by ~40 MiB in more processes
-        than without ZO (`benchmarks/README.md`). Each output entry is still
-        one dot product of an input row with a perturbed weight row; the BLAS may sum a narrow product in another
-        order than a wide one, so the output equals a full copy's to float32 rounding (the tests check it)."""
+        buffer of at most ~BLOCK_BYTES, taken from the arena (`_take`): one allocated at every probe unsettled
+        glibc's heap, whose peak then rose by ~40 MiB in more processes than without ZO (`benchmarks/README.md`).
+        Each output entry is still one dot product of an input row with a perturbed weight row; the BLAS may sum
+        a narrow product in another order than a wide one, so the output equals a full copy's to float32 rounding
+        (the tests check it)."""
         params = dict(self.owned[module])
         weight = params["weight"]  # the stored weight, whatever a nested probe swapped in
         bias = self._perturbed_copy(params["bias"]) if "bias" in params else module.bias
@@ -424,8 +424,8 @@ class _Perturbation:
         return out
 
     def _take(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor shaped like ``like`` for a large weight's pieces: from the arena, which is empty
-        while a leaf module runs, else of its own."""
+        """An uninitialised tensor shaped like ``like`` for a large weight's pieces: from the arena where it fits
+        (it is sized for a block, and holds nothing else while a decoder's head runs), else of its own."""
         taken = self.estimator._arena.take(like)
         return _empty_like(like) if taken is None else taken[0]
 
@@ -539,6 +539,7 @@ class _CopyArena:
         return self.views[key]
 
     def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` was taken from this arena."""
         start = self.buffer.data_ptr()
         return start <= t.data_ptr() < start + self.buffer.numel()
 
