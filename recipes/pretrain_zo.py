@@ -243,8 +243,10 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
     """Run a recipe end to end; returns the trainer (holding the trained model) and the final metrics."""
     model_args, data_args, training_args, recipe = parse_args(argv, return_recipe=True)
     _setup_logging(training_args)
-    logger.info("Process %d/%d, device %s, distributed %s", training_args.process_index, training_args.world_size,
-                training_args.device, training_args.parallel_mode.value)
+    # `accelerate launch` without a config gives a CPU process one thread (--num_cpu_threads_per_process sets it)
+    logger.info("Process %d/%d, device %s, distributed %s, %d CPU threads of %d", training_args.process_index,
+                training_args.world_size, training_args.device, training_args.parallel_mode.value,
+                torch.get_num_threads(), os.cpu_count() or 1)
     resume = _resume_checkpoint(training_args)
     set_seed(training_args.seed)
 
