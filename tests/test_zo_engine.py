@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call
 
 from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, direction_seed
@@ -281,11 +282,13 @@ def assert_probe_and_update_match_naive_spsa(model, ids, direction, eps=1e-2, lr
         return functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss.double()
 
     with torch.no_grad():
-        projected = [(loss_at(eps, zs[k]) - loss_at(-eps, zs[k])) / (2 * eps) for k in range(q)]
+        losses = [loss_at(sign * eps, zs[k]) for k in range(q) for sign in (+1, -1)]
+        projected = [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(q)]
         expected = {n: p.detach() - lr * sum(projected[k] / q * zs[k][n] for k in range(q)) for n, p in named.items()}
     estimator = ZOEstimator(model, eps=eps, num_queries=q, seed=seed)
     optimizer = ZOSGD(model.parameters(), estimator, lr=lr)
     probe = estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
+    torch.testing.assert_close(probe.losses, torch.stack(losses), rtol=0, atol=0)  # the same copies, the same ops
     torch.testing.assert_close(probe.projected_grads, torch.stack(projected), rtol=1e-3, atol=1e-3)
     optimizer.accumulate(probe)
     optimizer.step()
@@ -561,6 +564,72 @@ def test_copies_that_outlive_their_group_do_not_pin_the_arena(monkeypatch):
     assert all(drawn_ahead)
     monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
     assert torch.equal(ZOEstimator(model, eps=1e-3, seed=0).probe(lambda: model(x), 1).losses, losses)
+
+
+def tiny_deberta():
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    torch.manual_seed(0)
+    return DebertaV2ForMaskedLM(DebertaV2Config(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        relative_attention=True, position_buckets=16, max_relative_positions=32, pos_att_type=["p2c", "c2p"],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    ))
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_a_weight_read_outside_its_module_is_perturbed_on_deberta(at_once, monkeypatch):
+    """DeBERTa's encoder reads the weight of its relative position table itself and never calls that embedding,
+    so no hook of it fires: the first probe forward finds the read and swaps its copy in for the whole forward."""
+    if not at_once:
+        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+    model = tiny_deberta()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
+    pinned = {n for n, p in model.named_parameters() if id(p) in estimator._pinned}
+    assert (estimator._whole, pinned) == (at_once, set() if at_once else {"deberta.encoder.rel_embeddings.weight"})
+
+
+class ReadsWeightsOutsideTheirModules(nn.Module):
+    """An output layer written as ``F.linear(h, self.embed.weight)`` (the embedding also runs its own forward)."""
+
+    def __init__(self, vocab=50, width=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, ids):
+        return F.linear(torch.tanh(self.mix(self.embed(ids))), self.embed.weight)
+
+
+def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_once(monkeypatch):
+    """Reads outside a module's forward, by its parent or by a loss term, see the perturbed weight as the naive
+    reference does; only the first probe pays for it (one forward run again), later ones run 2q forwards."""
+    monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # hooks, module by module
+    model = ReadsWeightsOutsideTheirModules()
+    ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(params):
+        logits = functional_call(model, params, (ids,))
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + params["mix.bias"].square().sum()
+
+    estimator, eps, calls = ZOEstimator(model, eps=1e-2, num_queries=2, seed=3), 1e-2, []
+
+    def loss_fn():
+        calls.append(None)
+        return loss_of(dict(model.named_parameters()))
+
+    named = dict(model.named_parameters())
+    for step in range(2):
+        calls.clear()
+        losses = estimator.probe(loss_fn, step).losses
+        with torch.no_grad():
+            expected = [loss_of({n: p + sign * eps * naive_z(3, step, k, n, p.numel()).view_as(p)
+                                 for n, p in named.items()}).double() for k in range(2) for sign in (+1, -1)]
+        torch.testing.assert_close(losses, torch.stack(expected), rtol=1e-6, atol=1e-6)
+        assert len(calls) == (5 if step == 0 else 4)
+    assert {n for n, p in named.items() if id(p) in estimator._pinned} == {"embed.weight", "mix.bias"}
+    assert not estimator._whole and model.embed.weight is named["embed.weight"]
 
 
 def test_the_arena_reuses_its_buffer_once_empty_and_refuses_what_does_not_fit():

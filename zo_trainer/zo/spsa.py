@@ -9,7 +9,10 @@ afterwards. So the weights are restored exactly by construction, in every dtype 
 perturbed, and few perturbed copies are alive at a time: the running module's and at most 4 MiB drawn
 ahead for the modules after it (tied weights excepted: their copy is kept from the first user to the
 last, so they are drawn once per forward). A model whose copies all fit in that space (a few million
-parameters) has them drawn at once and swapped in for the whole forward, without hooks.
+parameters) has them drawn at once and swapped in for the whole forward, without hooks. A parameter read
+outside its module's forward (DeBERTa's relative position table, a loss term) would escape the hooks: the
+first probe forward for each set of trainable parameters watches for such reads (`_StoredReads`), and the
+copies of those found are swapped in for the whole forward from then on.
 
 On CPU with the C kernel, a plain `nn.Embedding` or `nn.Linear` whose weight is over 32 MiB does not
 copy it whole: an embedding perturbs only the rows it looks up, a linear layer (an LM head) multiplies
@@ -41,6 +44,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .directions import Addition, DirectionSampler
 
@@ -107,7 +112,9 @@ class ZOEstimator:
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
         self._whole = False  # every perturbed copy fits in the arena at once (set by _owners)
         self._owners_key: tuple | None = None  # device, ids and storage of the trainable parameters _owners_value was built for
-        self._owners_value: tuple[dict, dict, dict] = ({}, {}, {})
+        self._owners_value: tuple[dict, dict, dict, list] = ({}, {}, {}, [])
+        self._pinned: set[int] = set()  # ids of parameters read outside their module's forward: swapped in throughout
+        self._checked_key: tuple | None = None  # the _owners_key whose probe forward was watched for such reads
         self._flat: dict[int, torch.Tensor] = {}  # id(p) -> flat view of p, for the trainable parameters of _owners_key
         self._prepared: dict[tuple, object] = {}  # prepared draws: a probe's groups (_prepared_add), updates (_prepared_update)
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
@@ -136,9 +143,7 @@ class ZOEstimator:
             losses.append(_scalar(loss_fn()))
         for k in queries:
             for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
-                rng.restore()
-                with self.perturbed(trainable, step, k, sign):
-                    losses.append(_scalar(loss_fn()))
+                losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign))
         losses = torch.stack(losses)
         projected = torch.zeros(self.num_queries, dtype=torch.float64, device=losses.device)
         if self.estimator == "central":
@@ -156,6 +161,21 @@ class ZOEstimator:
     def perturbed(self, trainable: list[tuple[str, nn.Parameter]], step: int, query: int, sign: float):
         """Context in which every forward sees ``p + sign·ε·z_query`` for each trainable ``p``."""
         return _Perturbation(self, trainable, step, query, sign * self.eps)
+
+    def _perturbed_loss(self, loss_fn, rng: _RngState, trainable, step: int, query: int, sign: float) -> torch.Tensor:
+        """``loss_fn()`` at ``p + sign·ε·z_query``. The hooks perturb a parameter only inside its module's forward,
+        so the first probe forward for a set of trainable parameters watches for parameters read outside it
+        (DeBERTa's relative position table, read by the encoder; a weight read by a custom loss): those found are
+        swapped in for the whole forward from then on, and the forward runs again."""
+        while True:
+            rng.restore()
+            perturbation = self.perturbed(trainable, step, query, sign)
+            with perturbation:
+                loss = _scalar(loss_fn())
+            if not perturbation.read_unperturbed:
+                return loss
+            self._pinned.update(perturbation.read_unperturbed)
+            self._owners_key = None  # the owners, the arena and the forward order are rebuilt without them
 
     # ---------------------------------------------------------------------------------------- update
     def coefficients(self, projected_grads: torch.Tensor) -> torch.Tensor:
@@ -209,22 +229,25 @@ class ZOEstimator:
             additions.append(self._addition(p, scales, p.grad))
         self.sampler.add_to(step, additions)
 
-    def _owners(self, trainable) -> tuple[dict, dict, dict]:
+    def _owners(self, trainable) -> tuple[dict, dict, dict, list]:
         """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
-        copy of each parameter (tied weights), and the modules that perturb a large weight in pieces (module ->
-        "rows" or "blocks", see `_pieces`); and whether every copy fits in the arena at once (`_whole`). Walked
-        once per set of trainable parameters, not once per forward; a new set also resets the guess of the
-        forward order, sizes the arena of perturbed copies for it and takes the flat views the draws read (the
-        storage is in the key: ``p.data = ...`` gives p another)."""
+        copy of each parameter (tied weights), the modules that perturb a large weight in pieces (module ->
+        "rows" or "blocks", see `_pieces`), and the pinned parameters, swapped in for the whole forward
+        ([(module, local name, p)], left out of the rest); and whether every copy fits in the arena at once
+        (`_whole`). Walked once per set of trainable parameters, not once per forward; a new set also resets the
+        guess of the forward order, sizes the arena of perturbed copies for it and takes the flat views the draws
+        read (the storage is in the key: ``p.data = ...`` gives p another)."""
         key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
         if self._owners_key != key:
             self._flat = {id(p): _flat_view(p) for _, p in trainable}
             self._prepared = {}
             owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
-            pieces = {}
+            pieces, pinned = {}, []
             for module in self.model.modules():
                 for local_name, p in module.named_parameters(recurse=False):
-                    if id(p) in ids:
+                    if id(p) in ids and id(p) in self._pinned:
+                        pinned.append((module, local_name, p))
+                    elif id(p) in ids:
                         owned[module].append((local_name, p))
                 kind = self._pieces(module, owned[module]) if module in owned else None
                 if kind:
@@ -232,7 +255,7 @@ class ZOEstimator:
                 elif module in owned:
                     for _, p in owned[module]:
                         users[id(p)] += 1
-            self._owners_key, self._owners_value = key, (dict(owned), dict(users), pieces)
+            self._owners_key, self._owners_value = key, (dict(owned), dict(users), pieces, pinned)
             self._forward_order = list(owned)  # until a probe forward records the real order
             self._enclosing = set()
             sizes = [sum(p.numel() * p.element_size() for _, p in params)
@@ -296,7 +319,7 @@ class _Perturbation:
         self.trainable = trainable
 
     def __enter__(self):
-        self.owned, self.users, pieces = self.estimator._owners(self.trainable)
+        self.owned, self.users, pieces, self.pinned = self.estimator._owners(self.trainable)
         # a forward set on the instance since (accelerate's hooks) is not the plain one: that module is copied whole
         self.pieces = {module: kind for module, kind in pieces.items() if "forward" not in vars(module)}
         if len(self.pieces) < len(pieces):
@@ -314,9 +337,12 @@ class _Perturbation:
         self.padding: dict[nn.Module, int | None] = {}  # embedding -> its padding_idx, while it looks up rows
         self.handles = []
         self.forwards = {}
+        self.read_unperturbed: dict[int, nn.Parameter] = {}  # filled where this forward is watched (`_StoredReads`)
+        self.watch = None
         if self.estimator._whole:
             self._swap_in_everything()
             return self
+        self._swap_in_pinned()
         for module in self.owned:
             self.handles.append(module.register_forward_pre_hook(self._swap_in))
             self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
@@ -324,14 +350,24 @@ class _Perturbation:
                          for module, kind in self.pieces.items() if kind == "blocks"}
         for module, forward in self.forwards.items():
             module.forward = forward
+        if self.estimator._checked_key != self.estimator._owners_key:
+            self.watch = _StoredReads({id(p): p for params in self.owned.values() for _, p in params})
+            self.watch.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.watch is not None:
+            self.watch.__exit__(*exc)
+            self.read_unperturbed = self.watch.found
+            if not exc[0] and not self.read_unperturbed:
+                self.estimator._checked_key = self.estimator._owners_key
         for handle in self.handles:
             handle.remove()
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
             for local_name, p in params:
                 module._parameters[local_name] = p
+        for module, local_name, p in self.pinned:
+            module._parameters[local_name] = p
         for module, padding_idx in self.padding.items():
             module.padding_idx = padding_idx
         self.cache.clear()
@@ -355,6 +391,16 @@ class _Perturbation:
         for module, params in self.owned.items():
             for local_name, p in params:
                 module._parameters[local_name] = copies[id(p)]
+        for module, local_name, p in self.pinned:
+            module._parameters[local_name] = copies[id(p)]
+
+    def _swap_in_pinned(self) -> None:
+        """The copies of the parameters read outside their module's forward, each of its own (they outlive every
+        group), drawn by one call and swapped in for the whole context."""
+        copies = {id(p): (p, *_own_copy(p)) for _, _, p in self.pinned}  # one per parameter, tied ones too
+        self._draw([], [(p, flat) for p, _, flat in copies.values()])
+        for module, local_name, p in self.pinned:
+            module._parameters[local_name] = copies[id(p)][1]
 
     def _swap_in(self, module, args):
         self.fired[module] = None
@@ -374,6 +420,7 @@ class _Perturbation:
         """The embedding's forward sees only the rows of ``weight + δz`` that its input looks up, renumbered
         (so another forward hook on it sees the renumbered ids)."""
         weight = self.owned[module][0][1]
+        stored = self._stored(weight)
         self.padding[module] = module.padding_idx
         ids, rows = args[0] if args else None, None
         if isinstance(ids, torch.Tensor) and ids.device == weight.device and ids.dtype in (torch.int64, torch.int32) \
@@ -384,8 +431,8 @@ class _Perturbation:
         if rows is None:  # a keyword input, or ids the lookup itself must reject: perturb the whole table
             module._parameters["weight"] = self._perturbed_copy(weight)
             return None
-        compact = self._take(weight[: len(rows)])
-        self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), weight.detach(), rows.long(), compact,
+        compact = self._take(stored[: len(rows)])
+        self.estimator.sampler.add_rows(self.step, self.estimator.name_of(weight), stored, rows.long(), compact,
                                         self.scales)
         module._parameters["weight"] = compact
         module.padding_idx = None  # only the gradient reads it, and it may exceed the rows looked up
@@ -407,11 +454,11 @@ class _Perturbation:
                 and self.estimator.sampler.can_add_rows(weight)
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(input.device.type)):
             return F.linear(input, self._perturbed_copy(weight), bias)  # what the products into `out` cannot serve
-        rows = _block_rows(weight)
-        block = self._take(weight[:rows])
+        rows, stored = _block_rows(weight), self._stored(weight)
+        block = self._take(stored[:rows])
         out = torch.empty((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
         inputs, outputs = input.reshape(-1, weight.shape[1]), out.view(-1, weight.shape[0])
-        name, stored = self.estimator.name_of(weight), weight.detach()
+        name = self.estimator.name_of(weight)
         for start in range(0, weight.shape[0], rows):
             perturbed = block[: min(rows, weight.shape[0] - start)]
             self.estimator.sampler.add_row_block(self.step, name, stored, start, perturbed, self.scales)
@@ -422,6 +469,11 @@ class _Perturbation:
                 torch.addmm(bias[start : start + len(perturbed)], inputs, perturbed.T, out=columns)
         self._give_back(block)
         return out
+
+    def _stored(self, p: nn.Parameter) -> torch.Tensor:
+        """The stored values of ``p``, read through the flat view taken with the owners (a read of ``p`` itself would
+        count as an unperturbed read where the forward is watched)."""
+        return self.estimator._flat[id(p)].view(p.shape)
 
     def _take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like ``like`` for a large weight's pieces: from the arena where it fits
@@ -551,6 +603,25 @@ class _CopyArena:
         self.live -= 1
         if not self.live:
             self.reset()
+
+
+class _StoredReads(TorchFunctionMode):
+    """Records the parameters of ``params`` that a torch function reads while the context is on. In a probe forward
+    on the hook path, each owning module sees its copies instead, so a read of a parameter itself is one that
+    the hooks leave unperturbed. Metadata (a dtype, a shape) is no read: only calls that return a tensor count."""
+
+    def __init__(self, params: dict[int, nn.Parameter]):
+        super().__init__()
+        self.params = params
+        self.found: dict[int, nn.Parameter] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
+            for leaf in tree_leaves((args, kwargs)):
+                if isinstance(leaf, nn.Parameter) and self.params.get(id(leaf)) is leaf:
+                    self.found[id(leaf)] = leaf
+        return out
 
 
 class _RngState:
