@@ -566,28 +566,47 @@ def test_copies_that_outlive_their_group_do_not_pin_the_arena(monkeypatch):
     assert torch.equal(ZOEstimator(model, eps=1e-3, seed=0).probe(lambda: model(x), 1).losses, losses)
 
 
-def tiny_deberta():
-    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+def tiny_hf_model(name):
+    """Tiny real architectures whose forwards differ from Llama's: GPT-2's Conv1D, T5's shared embedding and
+    relative position bias across an encoder and a decoder, Mixtral's routed experts (3-d weights), Mamba's
+    slow path (it reads its convolution's and projection's weights without calling them), DeBERTa's encoder
+    (it reads its relative position table's weight without calling that embedding)."""
+    import transformers as hf
 
     torch.manual_seed(0)
-    return DebertaV2ForMaskedLM(DebertaV2Config(
-        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        relative_attention=True, position_buckets=16, max_relative_positions=32, pos_att_type=["p2c", "c2p"],
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    ))
+    layers = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    return {
+        "gpt2": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=200, resid_pdrop=0,
+                                                         embd_pdrop=0, attn_pdrop=0, bos_token_id=0, eos_token_id=0)),
+        "t5": lambda: hf.T5ForConditionalGeneration(hf.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                                                 vocab_size=200, dropout_rate=0.0, decoder_start_token_id=0,
+                                                                 pad_token_id=0)),
+        "mixtral": lambda: hf.MixtralForCausalLM(hf.MixtralConfig(**layers, vocab_size=200, num_key_value_heads=2,
+                                                                  num_local_experts=4, num_experts_per_tok=2)),
+        "mamba": lambda: hf.MambaForCausalLM(hf.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=200,
+                                                            state_size=8)),
+        "deberta": lambda: hf.DebertaV2ForMaskedLM(hf.DebertaV2Config(
+            **layers, vocab_size=200, relative_attention=True, position_buckets=16, max_relative_positions=32,
+            pos_att_type=["p2c", "c2p"], **no_dropout)),
+    }[name]()
 
 
 @pytest.mark.parametrize("at_once", [True, False])
-def test_a_weight_read_outside_its_module_is_perturbed_on_deberta(at_once, monkeypatch):
-    """DeBERTa's encoder reads the weight of its relative position table itself and never calls that embedding,
-    so no hook of it fires: the first probe forward finds the read and swaps its copy in for the whole forward."""
+@pytest.mark.parametrize("name", ["gpt2", "t5", "mixtral", "mamba", "deberta"])
+def test_probe_and_update_match_naive_spsa_on_other_architectures(name, at_once, monkeypatch):
+    """Both paths, bit for bit on the losses. On the hooks a weight read outside its module's forward is found by
+    the first probe forward and swapped in for the whole forward (before that, DeBERTa's and Mamba's failed).
+    ε = 0.1: at 1e-2 the effect of DeBERTa's relative position table on the loss is lost in float32 rounding."""
     if not at_once:
         monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
-    model = tiny_deberta()
-    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
-    estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
+    model = tiny_hf_model(name).eval()
+    ids = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z, eps=0.1)
     pinned = {n for n, p in model.named_parameters() if id(p) in estimator._pinned}
-    assert (estimator._whole, pinned) == (at_once, set() if at_once else {"deberta.encoder.rel_embeddings.weight"})
+    assert estimator._whole == at_once
+    if name == "deberta":
+        assert pinned == (set() if at_once else {"deberta.encoder.rel_embeddings.weight"})
 
 
 class ReadsWeightsOutsideTheirModules(nn.Module):
