@@ -777,6 +777,16 @@ def test_bad_settings_are_named(kwargs, match, llama):
         ZOEstimator(llama, **kwargs)
 
 
+def test_compiled_models_are_refused(llama):
+    """A compiled graph ignores the copies swapped into its modules (on this machine, a probe of a compiled tiny
+    Llama returned other losses than the eager one's, and the hooks path raised)."""
+    with pytest.raises(ValueError, match="the model is compiled"):
+        ZOEstimator(torch.compile(llama))
+    llama.model.layers[1].compile()
+    with pytest.raises(ValueError, match=r"model\.layers\.1 is compiled"):
+        ZOEstimator(llama)
+
+
 def test_accumulating_two_steps_is_refused(llama):
     estimator = ZOEstimator(llama, seed=0)
     optimizer = ZOSGD(llama.parameters(), estimator)

@@ -210,6 +210,29 @@ def test_bad_config_values_are_named(tmp_path, overrides, match):
         config(tmp_path, **overrides)
 
 
+def test_torch_compile_is_refused_for_zo_only(tmp_path):
+    with pytest.raises(ValueError, match="torch_compile=True"):
+        ZOTrainer(model=tiny_llama(), args=config(tmp_path, torch_compile=True), train_dataset=random_token_dataset())
+    fo = ZOTrainer(model=tiny_llama(), args=config(tmp_path, torch_compile=True, training_order="fo"))
+    assert fo.args.torch_compile and fo.training_order == "fo"
+
+
+def test_probes_run_eagerly_under_a_graph_compiled_by_accelerate(tmp_path, monkeypatch):
+    """accelerate's --dynamo_backend compiles the model in `prepare`, unasked by the config: the probes unwrap it
+    and equal an eager run bit for bit (with the compiled graph the weights differ)."""
+    from accelerate.utils import DynamoBackend
+
+    eager = train(config(tmp_path / "eager"))
+    trainer = ZOTrainer(model=tiny_llama(), args=config(tmp_path / "compiled"), train_dataset=random_token_dataset())
+    monkeypatch.setattr(trainer.accelerator.state.dynamo_plugin, "backend", DynamoBackend.INDUCTOR)
+    wrapped = []
+    training_step = trainer.training_step
+    monkeypatch.setattr(trainer, "training_step", lambda model, *a, **k: wrapped.append(model) or training_step(model, *a, **k))
+    trainer.train()
+    assert all(hasattr(model, "_orig_mod") for model in wrapped) and len(wrapped) == 4  # compiled by prepare
+    assert_same(params(trainer.model), params(eager.model))
+
+
 def train_with_grad_scaler(args, scaler, model=None):
     """On GPUs, fp16 makes accelerate create a GradScaler, which fails or rescales a step without backward. CPU
     autocast has none, so install a real one where accelerate keeps it."""

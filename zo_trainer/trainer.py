@@ -81,6 +81,12 @@ class ZOTrainer(Trainer):
                 "inside each module's forward. Use data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO "
                 "step already runs at inference memory. FO-only runs (training_order='fo') may shard."
             )
+        if self.args.torch_compile and "zo" in orders:
+            raise ValueError(
+                "torch_compile=True: a compiled graph does not see the perturbed copies that the ZO probes swap into "
+                "the modules, so its probe losses would ignore the perturbation. Unset torch_compile for ZO runs; "
+                "FO-only runs (training_order='fo') may compile."
+            )
         # In-place ZO-SGD needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
         self.uses_zo_sgd = orders == {"zo"} and not self.args.zo_write_grad
         if self.uses_zo_sgd and self.optimizer is not None:
@@ -130,7 +136,8 @@ class ZOTrainer(Trainer):
         self._use_grad_scaler(False)  # no backward: a GradScaler would find no gradient to unscale
         model.train()
         inputs = self._prepare_inputs(inputs)
-        forward_model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=True)  # no DDP hooks needed
+        # no DDP hooks needed, and no graph compiled by accelerate's --dynamo_backend (see torch_compile in __init__)
+        forward_model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False)
         queries, loss_divisor = None, 1.0
         if self._query_parallel:
             inputs, num_items_in_batch, loss_divisor = self._gather_global_batch(inputs, num_items_in_batch)

@@ -102,6 +102,14 @@ class ZOEstimator:
             raise ValueError(f"estimator={estimator!r} is not supported; choose one of {ESTIMATORS}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} is not supported; choose one of {REDUCTIONS}")
+        compiled = [name or "the model" for name, m in model.named_modules()
+                    if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None]
+        if compiled:
+            raise ValueError(
+                f"{compiled[0]} is compiled (torch.compile): a compiled graph does not see the perturbed copies that "
+                "the probes swap into the modules, so its probe losses would ignore the perturbation. Give the "
+                "estimator the eager module (`torch.compile(model)._orig_mod`)"
+            )
         self.model = model
         self.eps = float(eps)
         self.num_queries = num_queries
