@@ -621,10 +621,11 @@ class ReadsWeightsOutsideTheirModules(nn.Module):
         return F.linear(torch.tanh(self.mix(self.embed(ids))), self.embed.weight)
 
 
-def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_once(monkeypatch):
+def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_once(monkeypatch, caplog):
     """Reads outside a module's forward, by its parent or by a loss term, see the perturbed weight as the naive
     reference does; only the first probe pays for it (one forward run again), later ones run 2q forwards."""
     monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # hooks, module by module
+    caplog.set_level("INFO", logger=spsa.__name__)
     model = ReadsWeightsOutsideTheirModules()
     ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
 
@@ -648,6 +649,7 @@ def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_on
         torch.testing.assert_close(losses, torch.stack(expected), rtol=1e-6, atol=1e-6)
         assert len(calls) == (5 if step == 0 else 4)
     assert {n for n, p in named.items() if id(p) in estimator._pinned} == {"embed.weight", "mix.bias"}
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == ["read outside their module's forward: embed.weight, mix.bias"]
     assert not estimator._whole and model.embed.weight is named["embed.weight"]
 
 

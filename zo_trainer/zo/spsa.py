@@ -36,6 +36,7 @@ layers' products is the seeds and the kernel.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .directions import Addition, DirectionSampler
+
+logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("central", "forward")
 REDUCTIONS = ("mean", "sum")
@@ -183,6 +186,8 @@ class ZOEstimator:
             if not perturbation.read_unperturbed:
                 return loss
             self._pinned.update(perturbation.read_unperturbed)
+            logger.info("read outside their module's forward: %s; their perturbed copies are swapped in for the whole "
+                        "probe forward", ", ".join(map(self.name_of, perturbation.read_unperturbed.values())))
             self._owners_key = None  # the owners, the arena and the forward order are rebuilt without them
 
     # ---------------------------------------------------------------------------------------- update
