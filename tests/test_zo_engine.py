@@ -56,12 +56,12 @@ def test_variance_follows_n_over_q():
     """Gaussian SPSA on a quadratic: E‖ĝ − g‖² = (n + 1)‖g‖² / q with the mean reduction."""
     model = Quadratic(n=12)
     true = model.grad()
-    expected_q1 = (12 + 1) * true.square().sum()
+    expected_q1 = (12 + 1) * true.square().sum().item()
     measured = {}
     for q in (1, 4):
         estimator = ZOEstimator(model, eps=1e-3, num_queries=q, seed=2)
         draws = torch.stack([zo_estimate(model, estimator, step) for step in range(3000)])
-        measured[q] = (draws - true).square().sum(1).mean()
+        measured[q] = (draws - true).square().sum(1).mean().item()
     assert measured[1] == pytest.approx(expected_q1, rel=0.12)
     assert measured[1] / measured[4] == pytest.approx(4.0, rel=0.15)
 

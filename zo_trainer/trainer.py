@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .checkpointing import CheckpointSafety
 from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
 from .config import ZOConfig
 from .diagnostics import GradientProbeCallback
 from .zo import ZOSGD, Probe, ZOEstimator
 
 
-class ZOTrainer(Trainer):
+class ZOTrainer(CheckpointSafety, Trainer):
     """Drop-in replacement for `Trainer`: same constructor, same methods, ZO training by default.
 
     A plain `TrainingArguments` is accepted and read as a `ZOConfig` with the default ZO settings.
