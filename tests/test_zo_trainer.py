@@ -182,6 +182,21 @@ def test_a_window_with_only_skipped_updates_stops_training(tmp_path):
               compute_loss_func=non_finite_every_other_step)
 
 
+def test_skipped_updates_in_a_row_stop_training_whatever_the_logging(tmp_path):
+    data = random_token_dataset(n=4).map(lambda row: {"labels": [1] + row["labels"][1:]})  # always odd
+    with pytest.raises(RuntimeError, match=r"the last 10 ZO updates \(steps 0-9\) were skipped"):
+        train(config(tmp_path, per_device_train_batch_size=2, max_steps=40, logging_steps=1000), dataset=data,
+              compute_loss_func=non_finite_every_other_step)
+
+
+def test_diverged_weights_stop_training_at_the_next_step(tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[0] = math.nan  # what an infinite learning rate leaves after one update
+    with pytest.raises(RuntimeError, match=r"model.norm.weight holds non-finite values at step 0"):
+        train(config(tmp_path, max_steps=20, logging_steps=1000), model=model)
+
+
 def test_write_grad_mode_with_sgd_equals_zo_sgd(tmp_path):
     zo_sgd = train(config(tmp_path / "a", zo_num_queries=2))
     via_grad = train(config(tmp_path / "b", zo_num_queries=2, zo_write_grad=True, optim="sgd", max_grad_norm=0))
@@ -267,8 +282,8 @@ def test_model_card_records_the_zo_settings_and_metrics(tmp_path):
     eval_loss = trainer.evaluate()["eval_loss"]
     trainer.create_model_card(dataset="sotu")
     card = (tmp_path / "run" / "README.md").read_text()
-    for expected in ("zo-trainer", "zeroth-order", "zo_num_queries (q): 3", "zo_eps (ε): 0.0001",
-                     "zo_query_reduction: sum", "zo_correlation (α): -0.5", "dataset: sotu",
+    for expected in ("zo-trainer", "zeroth-order", "zo_num_queries: 3", "zo_eps: 0.0001", "zo_optimizer: sgd",
+                     "zo_query_reduction: sum", "zo_correlation: -0.5", "zo_momentum_history: 0", "dataset: sotu",
                      f"eval_loss: {eval_loss:.6g}", "forward_passes: 24"):
         assert expected in card, expected
 

@@ -6,12 +6,15 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
-from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS
+from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS, STEP_RULES, ZOAdam, ZOSGD, ZOSign
 
 TRAINING_ORDERS = ("zo", "fo")
 ZO_PARALLEL_MODES = ("data", "query")
+ZO_OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign}
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -76,6 +79,48 @@ class ZOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Base seed of the directions (derived per step, query and parameter). Default: `seed`."},
     )
+    zo_optimizer: str = field(
+        default="sgd",
+        metadata={
+            "help": "The ZO update: 'sgd' (in place; with zo_momentum, a momentum buffer or, with zo_momentum_history, "
+            "a momentum rebuilt from the last K seeds at no memory), 'adam' (AdamW on the ZO estimate, with "
+            "adam_beta1/adam_beta2/adam_epsilon: two parameter-sized buffers) or 'sign' (sign-ZO, of the momentum "
+            "where zo_momentum > 0). `optim` is not used unless zo_write_grad=True.",
+            "choices": list(ZO_OPTIMIZERS),
+        },
+    )
+    zo_step_rule: str = field(
+        default="gradient",
+        metadata={
+            "help": "How the probes weigh each direction: 'gradient' (SPSA), 'newton' (the paper's Theorem 1 along "
+            "each direction: the exact line-search step of the quadratic fitted to L0, L+ and L−, one more forward "
+            "per step; learning_rate is then the fraction of that step), or 'normalized' (projected gradients divided "
+            "by their running RMS, so the step does not depend on the scale of the loss).",
+            "choices": list(STEP_RULES),
+        },
+    )
+    zo_momentum: float = field(
+        default=0.0, metadata={"help": "Momentum β of zo_optimizer 'sgd' (m = β·m + g) and 'sign' (Signum). 0 = none."}
+    )
+    zo_momentum_history: int = field(
+        default=0,
+        metadata={
+            "help": "With zo_momentum > 0 and zo_optimizer 'sgd': rebuild the momentum from the last K steps' seeds "
+            "(K direction draws per step, no buffer) instead of keeping a parameter-sized buffer. 0 = a buffer."
+        },
+    )
+    zo_state_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the ZO optimizer's buffers (momentum, Adam moments): 'float32', 'bfloat16' or "
+            "'float16'. Default: each parameter's dtype.",
+            "choices": list(STATE_DTYPES),
+        },
+    )
+    zo_newton_max_step: float = field(
+        default=1e-2,
+        metadata={"help": "zo_step_rule 'newton': the largest step along a direction, |c| of c·z (a trust region)."},
+    )
     zo_write_grad: bool = field(
         default=False,
         metadata={
@@ -123,7 +168,34 @@ class ZOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         _check_choice("training_order", self.training_order, TRAINING_ORDERS)
+        _check_choice("zo_optimizer", self.zo_optimizer, tuple(ZO_OPTIMIZERS))
+        _check_choice("zo_step_rule", self.zo_step_rule, STEP_RULES)
+        if self.zo_state_dtype is not None:
+            _check_choice("zo_state_dtype", self.zo_state_dtype, tuple(STATE_DTYPES))
+        if not 0.0 <= self.zo_momentum < 1.0:
+            raise ValueError(f"zo_momentum={self.zo_momentum!r} must lie in [0, 1)")
+        if self.zo_momentum_history < 0 or (self.zo_momentum_history and not (self.zo_momentum and self.zo_optimizer == "sgd")):
+            raise ValueError(
+                f"zo_momentum_history={self.zo_momentum_history!r} must be >= 0, and > 0 only with zo_optimizer='sgd' "
+                f"and zo_momentum > 0 (got zo_optimizer={self.zo_optimizer!r}, zo_momentum={self.zo_momentum})"
+            )
+        if self.zo_momentum and self.zo_optimizer == "adam":
+            raise ValueError("zo_momentum is for zo_optimizer 'sgd' and 'sign'; 'adam' takes adam_beta1 and adam_beta2")
+        if not (math.isfinite(self.zo_newton_max_step) and self.zo_newton_max_step > 0):
+            raise ValueError(f"zo_newton_max_step={self.zo_newton_max_step!r} must be a finite number > 0")
+        if self.zo_step_rule == "newton" and self.zo_estimator != "central":
+            raise ValueError("zo_step_rule='newton' needs zo_estimator='central' (it fits a quadratic to L−, L0 and L+)")
+        if self.zo_write_grad and (self.zo_optimizer != "sgd" or self.zo_step_rule != "gradient" or self.zo_momentum):
+            raise ValueError(
+                "zo_write_grad=True feeds the plain SPSA estimate to `optim`: leave zo_optimizer='sgd', "
+                f"zo_step_rule='gradient' and zo_momentum=0 (got {self.zo_optimizer!r}, {self.zo_step_rule!r}, "
+                f"{self.zo_momentum})"
+            )
         _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
         _check_choice("zo_estimator", self.zo_estimator, ESTIMATORS)
         _check_choice("zo_distribution", self.zo_distribution, DISTRIBUTIONS)
@@ -160,6 +232,33 @@ class ZOConfig(TrainingArguments):
         super().__post_init__()
         if self.zo_seed is None:
             self.zo_seed = self.seed
+
+    def zo_estimator_kwargs(self) -> dict:
+        """The keyword arguments of `zo_trainer.zo.ZOEstimator` that these settings give."""
+        return dict(
+            eps=self.zo_eps,
+            num_queries=self.zo_num_queries,
+            estimator=self.zo_estimator,
+            reduction=self.zo_query_reduction,
+            distribution=self.zo_distribution,
+            correlation=self.zo_correlation,
+            seed=self.zo_seed,
+            lowrank_rank=self.zo_lowrank_rank,
+            lowrank_refresh_steps=self.zo_lowrank_refresh_steps,
+            curvature=self.zo_step_rule == "newton",
+        )
+
+    def zo_optimizer_cls_and_kwargs(self) -> tuple[type, dict]:
+        """The ZO optimizer class and its keyword arguments, but for the estimator and the parameters."""
+        state_dtype = STATE_DTYPES[self.zo_state_dtype] if self.zo_state_dtype else None
+        kwargs = dict(lr=self.learning_rate, step_rule=self.zo_step_rule, newton_max_step=self.zo_newton_max_step)
+        if self.zo_optimizer == "sgd":
+            kwargs.update(momentum=self.zo_momentum, momentum_history=self.zo_momentum_history, state_dtype=state_dtype)
+        elif self.zo_optimizer == "sign":
+            kwargs.update(momentum=self.zo_momentum, state_dtype=state_dtype)
+        else:
+            kwargs.update(betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_epsilon, state_dtype=state_dtype)
+        return ZO_OPTIMIZERS[self.zo_optimizer], kwargs
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -23,7 +24,9 @@ from .checkpointing import CheckpointSafety
 from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
 from .config import ZOConfig
 from .diagnostics import GradientProbeCallback
-from .zo import ZOSGD, Probe, ZOEstimator
+from .zo import PendingEstimate, Probe, ZOEstimator, ZOOptimizer
+
+logger = logging.getLogger(__name__)
 
 
 class ZOTrainer(CheckpointSafety, Trainer):
@@ -44,18 +47,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
                 f"{self.accelerator.num_processes} processes: use at least as many queries as processes"
             )
         self.training_order = self.args.training_order
-        self.zo_estimator = ZOEstimator(
-            self.model,
-            eps=self.args.zo_eps,
-            num_queries=self.args.zo_num_queries,
-            estimator=self.args.zo_estimator,
-            reduction=self.args.zo_query_reduction,
-            distribution=self.args.zo_distribution,
-            correlation=self.args.zo_correlation,
-            seed=self.args.zo_seed,
-            lowrank_rank=self.args.zo_lowrank_rank,
-            lowrank_refresh_steps=self.args.zo_lowrank_refresh_steps,
-        )
+        self.zo_estimator = ZOEstimator(self.model, **self.args.zo_estimator_kwargs())
         if self.args.trainable_parameters:
             set_trainable(self.model, match_parameters(self.model, self.args.trainable_parameters))
         self.block_schedule = None
@@ -88,15 +80,20 @@ class ZOTrainer(CheckpointSafety, Trainer):
                 "the modules, so its probe losses would ignore the perturbation. Unset torch_compile for ZO runs; "
                 "FO-only runs (training_order='fo') may compile."
             )
-        # In-place ZO-SGD needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
-        self.uses_zo_sgd = orders == {"zo"} and not self.args.zo_write_grad
-        if self.uses_zo_sgd and self.optimizer is not None:
+        # A ZO optimizer needs no gradient buffer; a run with FO blocks keeps `optim` and feeds it ZO estimates.
+        self.uses_zo_optimizer = orders == {"zo"} and not self.args.zo_write_grad
+        if self.uses_zo_optimizer and self.optimizer is not None:
             raise ValueError(
-                "an optimizer was passed in `optimizers=` but ZO-SGD updates in place without one: set "
-                "zo_write_grad=True to feed the ZO estimate to your optimizer"
+                f"an optimizer was passed in `optimizers=` but zo_optimizer={self.args.zo_optimizer!r} updates in place "
+                "without one: set zo_write_grad=True to feed the ZO estimate to your optimizer"
             )
-        self._zo_sgd: ZOSGD | None = None
-        self._pending_grad: torch.Tensor | None = None  # zo_write_grad mode: projected gradients of this window
+        if self.uses_zo_optimizer:
+            logger.warning(
+                "ZO training with zo_optimizer=%r, zo_step_rule=%r at learning_rate=%g: `optim`=%r is not used "
+                "(set zo_write_grad=True to feed the ZO estimate to it)", self.args.zo_optimizer,
+                self.args.zo_step_rule, self.args.learning_rate, getattr(self.args.optim, "value", self.args.optim))
+        self._zo_optimizer: ZOOptimizer | None = None  # created by create_optimizer
+        self._pending = PendingEstimate()  # zo_write_grad mode: the estimate of this window (a ZO optimizer keeps its own)
         self._window = _LogWindow()
         self._counters: dict[str, float] | None = None  # forward_passes / wall_time, carried across resumes
 
@@ -106,24 +103,25 @@ class ZOTrainer(CheckpointSafety, Trainer):
 
     # ------------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
-        """ZO-SGD (stateless, in place) unless `zo_write_grad` asks for the `optim` of the config."""
-        if self.optimizer is None and self.uses_zo_sgd:
+        """The ZO optimizer of `zo_optimizer` unless `zo_write_grad` asks for the `optim` of the config."""
+        if self.optimizer is None and self.uses_zo_optimizer:
             if self.optimizer_cls_and_kwargs is not None:
                 raise ValueError(
-                    "optimizer_cls_and_kwargs was given but ZO-SGD ignores it: set zo_write_grad=True to feed the "
-                    "ZO estimate to your optimizer"
+                    "optimizer_cls_and_kwargs was given but the ZO optimizer ignores it: set zo_write_grad=True to "
+                    "feed the ZO estimate to your optimizer"
                 )
-            self.optimizer_cls_and_kwargs = (ZOSGD, {"estimator": self.zo_estimator, "lr": self.args.learning_rate})
+            cls, kwargs = self.args.zo_optimizer_cls_and_kwargs()
+            self.optimizer_cls_and_kwargs = (cls, {"estimator": self.zo_estimator, **kwargs})
             try:
                 super().create_optimizer(model)
             finally:
                 self.optimizer_cls_and_kwargs = None
-            self._zo_sgd = self.optimizer
+            self._zo_optimizer = self.optimizer
             return self.optimizer
         return super().create_optimizer(model)
 
-    def _zo_optimizer(self) -> ZOSGD:
-        return self._zo_sgd  # created by create_optimizer; __init__ refuses an `optimizers=` override
+    def _pending_estimate(self) -> PendingEstimate:
+        return self._zo_optimizer.pending if self.uses_zo_optimizer else self._pending
 
     # ---------------------------------------------------------------------------------- the ZO step
     def training_step(self, model: nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -176,33 +174,31 @@ class ZOTrainer(CheckpointSafety, Trainer):
         return inputs, num_items_in_batch, float(self.accelerator.num_processes) if rescaled else 1.0
 
     def _accumulate(self, probe: Probe, weight: float) -> None:
-        if not self.uses_zo_sgd:
-            weighted = probe.projected_grads * weight
-            self._pending_grad = weighted if self._pending_grad is None else self._pending_grad + weighted
-        else:
-            self._zo_optimizer().accumulate(probe, weight)
+        self._pending_estimate().add(probe, weight)
 
     def _finish_zo_step(self) -> None:
-        """Average the projected gradients over processes, skip a non-finite estimate, stage the update."""
-        step = self.state.global_step
-        if not self.uses_zo_sgd:
-            projected, self._pending_grad = self._pending_grad, None
-        else:
-            projected = self._zo_optimizer().pending
+        """Average the estimate over processes, skip a non-finite one (stopping where the weights diverged), and
+        stage the update: in the ZO optimizer, or in ``.grad`` for `optim`."""
+        step, pending = self.state.global_step, self._pending_estimate()
+        values = pending.values
         if self.accelerator.num_processes > 1:  # without a backward, DDP reduces nothing: q scalars do it
             # data-parallel: average the shards' estimates; query-parallel: each process filled its own queries
-            projected = self.accelerator.reduce(projected, reduction="sum" if self._query_parallel else "mean")
-            self._counters["communicated_bytes"] += projected.numel() * projected.element_size()
-        finite = bool(torch.isfinite(projected).all())
-        self._window.add(projected if finite else None)
-        if not self.uses_zo_sgd:
-            if finite:
-                trainable = [p for _, p in self.zo_estimator.trainable()]
-                self.zo_estimator.write_grad(step, self.zo_estimator.coefficients(projected), trainable)
-        elif finite:
-            self._zo_optimizer().pending = projected
+            values = self.accelerator.reduce(values, reduction="sum" if self._query_parallel else "mean")
+            self._counters["communicated_bytes"] += values.numel() * values.element_size()
+        finite = bool(torch.isfinite(values).all())
+        trainable = [p for _, p in self.zo_estimator.trainable()]
+        if not finite:
+            pending.clear()
+            _raise_if_not_finite(self.zo_estimator, trainable, step)
+        self._window.add(step, values[0] if finite else None)
+        if not finite:
+            return
+        if self.uses_zo_optimizer:
+            pending.values = values
+            self._window.add_rule(self._zo_optimizer.last_step)
         else:
-            self._zo_optimizer().discard()
+            self.zo_estimator.write_grad(step, self.zo_estimator.coefficients(values[0]), trainable)
+            pending.clear()
 
     def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         """Mirror of `Trainer.training_step`: is the micro-batch loss already a share of the batch loss?"""
@@ -220,12 +216,12 @@ class ZOTrainer(CheckpointSafety, Trainer):
             self.optimizer.scaler = scaler
 
     def _clip_grad_norm(self, model):
-        if self.zo_active and self.uses_zo_sgd:
-            return None  # ZO-SGD has no gradient tensor to clip
+        if self.zo_active and self.uses_zo_optimizer:
+            return None  # a ZO optimizer has no gradient tensor to clip
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if self.zo_active and self.uses_zo_sgd:
+        if self.zo_active and self.uses_zo_optimizer:
             return None
         return super()._get_grad_norm(model, grad_norm)
 
@@ -280,13 +276,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
         args = self.args
         settings = {
             "training_order": args.training_order,
-            "zo_estimator": args.zo_estimator,
-            "zo_num_queries (q)": args.zo_num_queries,
-            "zo_eps (ε)": args.zo_eps,
-            "zo_query_reduction": args.zo_query_reduction,
-            "zo_distribution": args.zo_distribution,
-            "zo_correlation (α)": args.zo_correlation,
-            "zo_seed": args.zo_seed,
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(ZOConfig) if f.name.startswith("zo_")},
             "trainable_parameters": args.trainable_parameters or "all",
             "block_schedule": json.dumps(args.block_schedule) if args.block_schedule else "none",
         }
@@ -347,33 +337,71 @@ def _gather_together(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str,
     return gathered
 
 
+def _raise_if_not_finite(estimator: ZOEstimator, params: list[nn.Parameter], step: int) -> None:
+    """Stop at once where the weights themselves are no longer finite: every later probe would be skipped."""
+    for p in params:
+        if not bool(torch.isfinite(p).all()):
+            raise RuntimeError(
+                f"ZO training diverged: {estimator.name_of(p)} holds non-finite values at step {step} (the probe "
+                "losses are not finite either). Lower learning_rate (or zo_eps), or use bf16/fp32 instead of fp16"
+            )
+
+
 class _LogWindow:
-    """ZO statistics between two training logs; refuses a window in which every update was skipped."""
+    """ZO statistics between two training logs, and the health checks of every step: a run whose updates are
+    all skipped, or whose estimates are all exactly zero, is stopped or flagged whatever the logging settings."""
+
+    MAX_SKIPPED_IN_A_ROW = 10  # consecutive skipped updates that stop the run
+    DEAD_STEPS = 50  # consecutive all-zero estimates that get a warning
 
     def __init__(self):
         self.values: list[torch.Tensor] = []
-        self.skipped = 0
+        self.skipped_steps: list[int] = []
+        self.rule: dict[str, list[float]] = defaultdict(list)
+        self.skipped_in_a_row = self.zeros_in_a_row = 0
 
-    def add(self, projected: torch.Tensor | None) -> None:
+    def add(self, step: int, projected: torch.Tensor | None) -> None:
         if projected is None:
-            self.skipped += 1
-        else:
-            self.values.append(projected.detach().float().cpu())
+            self.skipped_steps.append(step)
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
+                raise RuntimeError(
+                    f"the last {self.skipped_in_a_row} ZO updates (steps {step - self.skipped_in_a_row + 1}-{step}) "
+                    "were skipped because the probe losses were not finite: the loss overflows (lower learning_rate or "
+                    "zo_eps, or use bf16/fp32 instead of fp16)"
+                )
+            return
+        self.skipped_in_a_row = 0
+        self.values.append(projected.detach().float().cpu())
+        self.zeros_in_a_row = self.zeros_in_a_row + 1 if not bool(projected.any()) else 0
+        if self.zeros_in_a_row == self.DEAD_STEPS:
+            logger.warning(
+                "every ZO estimate of the last %d steps (up to step %d) is exactly 0: the probes' losses do not change "
+                "with the weights (a saturated model, e.g. after a too large learning_rate, or zo_eps below the "
+                "loss's rounding); training is not moving", self.DEAD_STEPS, step)
+
+    def add_rule(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.rule[key].append(value)
 
     def flush(self) -> dict[str, float]:
-        values, skipped = self.values, self.skipped
-        self.values, self.skipped = [], 0
+        values, skipped, rule = self.values, self.skipped_steps, self.rule
+        self.values, self.skipped_steps, self.rule = [], [], defaultdict(list)
         if not values and not skipped:
             return {}
         if not values:
             raise RuntimeError(
-                f"all {skipped} ZO updates since the last log were skipped because the probe losses were not "
+                f"all {len(skipped)} ZO updates since the last log were skipped because the probe losses were not "
                 "finite: the model has diverged or the loss overflows (lower learning_rate or zo_eps, or use bf16/"
                 "fp32 instead of fp16)"
             )
         projected = torch.cat(values)
-        return {
+        logs = {
             "zo_projected_grad": projected.mean().item(),
             "zo_projected_grad_abs": projected.abs().mean().item(),
-            "zo_skipped_updates": skipped,
+            "zo_skipped_updates": len(skipped),
+            **{key: sum(v) / len(v) for key, v in rule.items()},
         }
+        if skipped:
+            logs["zo_skipped_steps"] = ",".join(map(str, skipped))
+        return logs

@@ -23,6 +23,7 @@ import torch
 
 from . import philox
 
+SEED_CACHE_ENTRIES = 2**16  # direction seeds kept for reuse (a step's probes, its update, a momentum's history)
 DISTRIBUTIONS = ("gaussian", "rademacher", "lowrank")
 """``gaussian`` and ``rademacher`` (±1) are element-wise with mean 0 and variance 1: E[z zᵀ] = I keeps
 SPSA unbiased. ``lowrank``: SubZero's random-subspace directions for matrices (Gaussian for the other
@@ -77,8 +78,7 @@ class DirectionSampler:
         self.seed = int(seed)
         self.rank, self.refresh_steps = rank, refresh_steps
         self._bases: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}  # name -> (period, U, V)
-        self._seeds_step: tuple[int, int] | None = None  # (seed, step) of _seeds
-        self._seeds: dict[tuple[int, str], int] = {}  # (query, name) -> its direction_seed
+        self._seeds: dict[tuple[int, int, int, str], int] = {}  # (seed, step, query, name) -> direction_seed
 
     @torch.no_grad()
     def add_to(self, step: int, additions: Sequence[Addition], check: bool = True) -> None:
@@ -116,6 +116,20 @@ class DirectionSampler:
             # checked above or by the caller; the batch has the same links in every row
             philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
                                   self.distribution == "rademacher", check=False)
+
+    def add_sum(self, terms: Sequence[tuple[int, dict[int, float]]], additions: Sequence[Addition]) -> None:
+        """``target = source + Σ_(step, scales) Σ_k scales[k]·z_k(step)`` for each addition (whose own scales are
+        ignored): the directions of several steps added in one sweep over each tensor where the directions are
+        element-wise and independent (one kernel call, all seeds in a row), else one sweep per step."""
+        if len(terms) == 1 or self.correlation or self.distribution == "lowrank":
+            for i, (step, scales) in enumerate(terms):
+                self.add_to(step, [a._replace(scales=scales, source=a.source if i == 0 else a.target) for a in additions],
+                            check=False)
+            return
+        seeds = [[self._seed(step, k, a.name) for step, scales in terms for k in sorted(scales)] for a in additions]
+        scales = [[scales[k] for _, scales in terms for k in sorted(scales)]] * len(additions)
+        philox.add_directions([a.source for a in additions], [a.target for a in additions], seeds, scales, 0.0,
+                              self.distribution == "rademacher", check=False)
 
     def prepare(self, names: list[str], sources: list[torch.Tensor], targets: list[torch.Tensor]):
         """``add(step, scales)``, the same as ``add_to(step, [Addition(names[i], ., scales, sources[i], targets[i]) ...])``
@@ -164,12 +178,14 @@ class DirectionSampler:
                               self.correlation, self.distribution == "rademacher", firsts=[start * width], check=False)
 
     def _seed(self, step: int, query: int, name: str) -> int:
-        """`direction_seed` of this sampler, kept for the step last asked: its probes and its update draw the same."""
-        if (self.seed, step) != self._seeds_step:
-            self._seeds, self._seeds_step = {}, (self.seed, step)
-        seed = self._seeds.get((query, name))
+        """`direction_seed` of this sampler, kept for the steps last asked: a step's probes and its update draw the
+        same, and a momentum rebuilt from past seeds draws the last few steps again."""
+        key = (self.seed, step, query, name)
+        seed = self._seeds.get(key)
         if seed is None:
-            seed = self._seeds[query, name] = direction_seed(self.seed, step, query, name)
+            if len(self._seeds) >= SEED_CACHE_ENTRIES:
+                self._seeds.clear()
+            seed = self._seeds[key] = direction_seed(self.seed, step, query, name)
         return seed
 
     def _links(self, scales: dict[int, float]) -> tuple[int, ...]:

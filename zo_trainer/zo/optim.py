@@ -1,61 +1,267 @@
-"""ZO-SGD as a ``torch.optim.Optimizer``: the update of a ZO step, driven by the usual loop.
+"""ZO optimizers: the update of a ZO step as a ``torch.optim.Optimizer``, driven by the usual loop.
 
 Being an Optimizer is what lets the Trainer's LR scheduler, gradient accumulation boundary and
-checkpointing drive it unchanged. It keeps no state: the pending estimate is q scalars, applied at
-``step()`` by redrawing the directions from their seeds.
+checkpointing drive them unchanged. Each step has two parts:
+
+- a **step rule** turns the probes' statistics into the weights c_k of ``g = Σ_k c_k z_k``:
+  ``gradient`` (SPSA: c_k = projected gradient), ``newton`` (the paper's Theorem 1 along each direction:
+  c_k = (zᵀg)/(zᵀHz), the exact line-search step on a quadratic, from one more forward per step) or
+  ``normalized`` (c_k = projected gradient / its running RMS: the step no longer depends on the scale
+  of the loss, as in FZOO and Adam-style ZO);
+- an **update** applies g: `ZOSGD` (in place, optionally with momentum, from a buffer or rebuilt from the
+  last K steps' seeds at no memory), `ZOAdam` (two buffers) or `ZOSign` (the sign of g, or of its momentum).
+
+Memory above the weights: ZOSGD 0 (momentum: one buffer in ``state_dtype``; rebuilt momentum: K·q scalars);
+ZOAdam two buffers and one tensor-sized temporary; ZOSign one temporary (and a buffer with momentum).
 """
 
 from __future__ import annotations
+
+import math
+from collections import deque
 
 import torch
 
 from .spsa import Probe, ZOEstimator
 
+STEP_RULES = ("gradient", "newton", "normalized")
 
-class ZOSGD(torch.optim.Optimizer):
-    """``p ← p − lr·(g + wd·p)`` with the SPSA estimate g of the probes accumulated since the last step.
 
-    Call :meth:`accumulate` once per micro-batch (weight = its share of the batch), then
-    :meth:`step` once. Parameters must be the trainable parameters the probes perturbed.
-    """
+class PendingEstimate:
+    """What the probes since the last update measured: the projected gradients (row 0) and, where the estimator
+    measures them, the curvatures along each direction (row 1), each micro-batch weighted by its share."""
 
-    def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-3, weight_decay: float = 0.0):
-        if lr < 0:
-            raise ValueError(f"lr={lr} must be >= 0")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        self.estimator = estimator
-        self.pending_step: int | None = None
-        self.pending: torch.Tensor | None = None  # accumulated projected gradients, shape (q,)
+    def __init__(self):
+        self.step: int | None = None
+        self.values: torch.Tensor | None = None  # shape (1 or 2, q)
 
-    def accumulate(self, probe: Probe, weight: float = 1.0) -> None:
-        """Add ``weight ×`` the projected gradients of ``probe`` (same step as earlier probes)."""
-        if self.pending_step is not None and probe.step != self.pending_step:
+    def add(self, probe: Probe, weight: float = 1.0) -> None:
+        if self.step is not None and probe.step != self.step:
             raise ValueError(
-                f"probe of step {probe.step} cannot join the pending estimate of step {self.pending_step}: "
+                f"probe of step {probe.step} cannot join the pending estimate of step {self.step}: "
                 "the micro-batches of one update must share their directions"
             )
-        self.pending_step = probe.step
-        weighted = probe.projected_grads * weight
-        self.pending = weighted if self.pending is None else self.pending + weighted
+        rows = [probe.projected_grads] if probe.curvatures is None else [probe.projected_grads, probe.curvatures]
+        weighted = torch.stack(rows) * weight
+        self.step = probe.step
+        self.values = weighted if self.values is None else self.values + weighted
+
+    def clear(self) -> None:
+        self.step, self.values = None, None
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """The shared part of the ZO optimizers: accumulate probes, apply a step rule, keep the state exact on resume.
+
+    Call :meth:`accumulate` once per micro-batch (weight = its share of the batch), then :meth:`step` once.
+    Parameters must be the trainable parameters the probes perturbed.
+
+    ``newton_max_step`` bounds the Newton step along a direction (|c_k| ≤ it, in units of z); directions whose
+    curvature is not above ``newton_min_curvature`` are not moved along (a safeguard: the quadratic model has
+    no minimum there). ``normalize_beta`` is the decay of the running mean of squared projected gradients of the
+    ``normalized`` rule.
+    """
+
+    def __init__(self, params, estimator: ZOEstimator, defaults: dict, step_rule: str = "gradient",
+                 newton_max_step: float = 1e-2, newton_min_curvature: float = 0.0, normalize_beta: float = 0.99):
+        for key in ("lr", "weight_decay"):
+            value = defaults[key]
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{key}={value!r} must be a finite number >= 0")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule={step_rule!r} is not supported; choose one of {list(STEP_RULES)}")
+        if step_rule == "newton" and not estimator.curvature:
+            raise ValueError("step_rule='newton' needs the curvature along each direction: ZOEstimator(curvature=True)")
+        if not newton_max_step > 0 or not 0.0 <= normalize_beta < 1.0:
+            raise ValueError(f"newton_max_step={newton_max_step} must be > 0 and normalize_beta={normalize_beta} in [0, 1)")
+        super().__init__(params, defaults)
+        self.estimator = estimator
+        self.step_rule = step_rule
+        self.newton_max_step, self.newton_min_curvature = newton_max_step, newton_min_curvature
+        self.normalize_beta = normalize_beta
+        self.pending = PendingEstimate()
+        self.rule_state = {"mean_square": 0.0, "updates": 0}  # the normalized rule's running moment
+        self.last_step: dict[str, float] = {}  # what the last step's rule did, for the logs
+
+    def accumulate(self, probe: Probe, weight: float = 1.0) -> None:
+        """Add ``weight ×`` the statistics of ``probe`` (same step as earlier probes)."""
+        self.pending.add(probe, weight)
 
     def discard(self) -> None:
         """Drop the pending estimate (a skipped update)."""
-        self.pending_step, self.pending = None, None
+        self.pending.clear()
+
+    def coefficients(self, values: torch.Tensor) -> torch.Tensor:
+        """The weights c_k of g = Σ_k c_k z_k under the step rule (the query reduction applied)."""
+        projected = values[0]
+        if self.step_rule == "newton":
+            curvature = values[1]
+            usable = curvature > self.newton_min_curvature
+            steps = torch.where(usable, projected / torch.where(usable, curvature, 1.0), 0.0)
+            steps = steps.clamp(-self.newton_max_step, self.newton_max_step)
+            self.last_step = {"zo_curvature": curvature.mean().item(), "zo_newton_step": steps.abs().mean().item(),
+                              "zo_nonpositive_curvature": float((~usable).sum())}
+            return self.estimator.coefficients(steps)
+        if self.step_rule == "normalized":
+            beta, state = self.normalize_beta, self.rule_state
+            state["updates"] += 1
+            state["mean_square"] = beta * state["mean_square"] + (1 - beta) * projected.square().mean().item()
+            rms = math.sqrt(state["mean_square"] / (1 - beta ** state["updates"]))
+            self.last_step = {"zo_projected_grad_rms": rms}
+            return self.estimator.coefficients(projected / rms if rms > 0 else projected * 0.0)
+        return self.estimator.coefficients(projected)
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("ZOSGD.step takes no closure: the loss is evaluated by ZOEstimator.probe")
-        if self.pending is None:  # nothing estimated (e.g. a skipped update): only decay would apply
+            raise ValueError(f"{type(self).__name__}.step takes no closure: the loss is evaluated by ZOEstimator.probe")
+        if self.pending.values is None:  # nothing estimated (a skipped update): nothing moves
             return None
-        trainable = [
-            (p, group["lr"], group["weight_decay"])
-            for group in self.param_groups
-            for p in group["params"]
-            if p.requires_grad
-        ]
-        self.estimator.apply_update(self.pending_step, self.estimator.coefficients(self.pending), trainable)
-        self.discard()
+        step, values = self.pending.step, self.pending.values
+        self.pending.clear()
+        self._update(step, self.coefficients(values))
         return None
+
+    def _update(self, step: int, coefficients: torch.Tensor) -> None:
+        """Apply g = Σ_k c_k z_k(step) to the trainable parameters, a param group at a time."""
+        for group, params in self._groups():
+            self._update_group(step, coefficients, group, params)
+
+    def _update_group(self, step: int, coefficients: torch.Tensor, group: dict, params: list) -> None:
+        raise NotImplementedError
+
+    def _groups(self):
+        """(param group, its trainable parameters) for each group that has some."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if params:
+                yield group, params
+
+    def _materialise(self, step: int, coefficients: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """g of one parameter in a float32 (or float64) tensor of its own: one parameter-sized temporary at a time."""
+        g = torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+        self.estimator.add_directions(step, coefficients, [p], [g])
+        return g
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["zo"] = {"rule_state": dict(self.rule_state), **self._extra_state()}
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("zo", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.rule_state = dict(extra.pop("rule_state"))
+            self._load_extra_state(extra)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class ZOSGD(ZOOptimizer):
+    """``p ← p − lr·(m + wd·p)`` with ``m = β·m + g`` (``m = g`` without momentum), g the ZO estimate.
+
+    ``momentum_history`` K > 0 rebuilds m from the last K steps' (seed, coefficients) pairs instead of keeping a
+    buffer: ``m = Σ_{j<K} β^j g_{t−j}``, the buffer's momentum truncated after K steps, at no memory and K direction
+    draws per step (done in one sweep over each tensor). ``state_dtype`` is the buffer's dtype (e.g. bfloat16).
+    """
+
+    def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-3, weight_decay: float = 0.0,
+                 momentum: float = 0.0, momentum_history: int = 0, state_dtype: torch.dtype | None = None, **rule):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum!r} must lie in [0, 1)")
+        if not (isinstance(momentum_history, int) and momentum_history >= 0) or (momentum_history and not momentum):
+            raise ValueError(f"momentum_history={momentum_history!r} must be an integer >= 0, and > 0 only with momentum > 0")
+        super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay), **rule)
+        self.momentum, self.momentum_history, self.state_dtype = momentum, momentum_history, state_dtype
+        self.history: deque[tuple[int, torch.Tensor]] = deque(maxlen=momentum_history or None)
+
+    def _update(self, step, coefficients):
+        if not self.momentum or self.momentum_history:
+            terms = [(step, coefficients)]
+            if self.momentum_history:
+                self.history.append((step, coefficients))
+                terms = [(s, c * self.momentum**j) for j, (s, c) in enumerate(reversed(self.history))]
+            trainable = [(p, group["lr"], group["weight_decay"]) for group, params in self._groups() for p in params]
+            self.estimator.apply_updates(terms, trainable)
+            return
+        for group, params in self._groups():
+            self._update_with_buffer(step, coefficients, group["lr"], group["weight_decay"], params)
+
+    def _update_with_buffer(self, step, coefficients, lr, weight_decay, params):
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=self.state_dtype or p.dtype)
+            buffers.append(state["momentum_buffer"].mul_(self.momentum))
+        self.estimator.add_directions(step, coefficients, params, buffers)
+        for p, buffer in zip(params, buffers):
+            if weight_decay:
+                p.mul_(1.0 - lr * weight_decay)
+            p.add_(buffer.to(p.dtype), alpha=-lr)
+
+    def _extra_state(self):
+        return {"history": [(s, c.cpu()) for s, c in self.history]}
+
+    def _load_extra_state(self, state):
+        device = self.param_groups[0]["params"][0].device
+        self.history.clear()
+        self.history.extend((s, c.to(device)) for s, c in state.get("history", []))
+
+
+class ZOAdam(ZOOptimizer):
+    """AdamW on the ZO estimate: ``m = β1·m + (1−β1)·g``, ``v = β2·v + (1−β2)·g²``, bias-corrected, decoupled
+    decay. Two parameter-sized buffers (in ``state_dtype``); g is drawn one parameter at a time."""
+
+    def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, state_dtype: torch.dtype | None = None,
+                 **rule):
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0) or not eps > 0:
+            raise ValueError(f"betas={betas} must lie in [0, 1) and eps={eps} be > 0")
+        super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps), **rule)
+        self.state_dtype = state_dtype
+
+    def _update_group(self, step, coefficients, group, params):
+        (beta1, beta2), lr = group["betas"], group["lr"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                dtype = self.state_dtype or p.dtype
+                state.update(step=0, exp_avg=torch.zeros_like(p, dtype=dtype), exp_avg_sq=torch.zeros_like(p, dtype=dtype))
+            state["step"] += 1
+            g = self._materialise(step, coefficients, p)
+            exp_avg = state["exp_avg"].lerp_(g.to(state["exp_avg"].dtype), 1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denominator = (exp_avg_sq.float() / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+            if group["weight_decay"]:
+                p.mul_(1.0 - lr * group["weight_decay"])
+            p.addcdiv_(exp_avg.to(p.dtype), denominator.to(p.dtype), value=-lr / (1 - beta1 ** state["step"]))
+
+
+class ZOSign(ZOOptimizer):
+    """``p ← p − lr·(sign(m) + wd·p)``: sign-ZO, of g itself or of its momentum ``m = β·m + (1−β)·g`` (Signum)."""
+
+    def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-4, weight_decay: float = 0.0,
+                 momentum: float = 0.0, state_dtype: torch.dtype | None = None, **rule):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum!r} must lie in [0, 1)")
+        super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay), **rule)
+        self.momentum, self.state_dtype = momentum, state_dtype
+
+    def _update_group(self, step, coefficients, group, params):
+        for p in params:
+            direction = self._materialise(step, coefficients, p)
+            if self.momentum:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=self.state_dtype or p.dtype)
+                direction = state["momentum_buffer"].lerp_(direction.to(state["momentum_buffer"].dtype), 1 - self.momentum)
+            if group["weight_decay"]:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(direction.sign().to(p.dtype), alpha=-group["lr"])

@@ -67,8 +67,9 @@ class Probe:
     step: int
     queries: list[int]
     projected_grads: torch.Tensor  # shape (q,): zero for the queries this call did not evaluate
-    losses: torch.Tensor  # every probe loss, in evaluation order
+    losses: torch.Tensor  # every probe loss, in evaluation order (the unperturbed loss first where measured)
     num_forwards: int
+    curvatures: torch.Tensor | None = None  # shape (q,): zᵀHz ≈ (L+ + L− − 2·L0) / ε², where measured
 
     @property
     def loss(self) -> torch.Tensor:
@@ -96,6 +97,7 @@ class ZOEstimator:
         seed: int = 0,
         lowrank_rank: int = 4,
         lowrank_refresh_steps: int = 100,
+        curvature: bool = False,
     ):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps={eps!r} must be a finite number > 0")
@@ -105,6 +107,8 @@ class ZOEstimator:
             raise ValueError(f"estimator={estimator!r} is not supported; choose one of {ESTIMATORS}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} is not supported; choose one of {REDUCTIONS}")
+        if curvature and estimator != "central":
+            raise ValueError(f"curvature=True needs the central estimator (L+ and L− about L0), got estimator={estimator!r}")
         compiled = [name or "the model" for name, m in model.named_modules()
                     if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None]
         if compiled:
@@ -118,6 +122,7 @@ class ZOEstimator:
         self.num_queries = num_queries
         self.estimator = estimator
         self.reduction = reduction
+        self.curvature = curvature  # one more forward per probe: the unperturbed loss L0
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
@@ -150,23 +155,30 @@ class ZOEstimator:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
         rng = _RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
         losses = []
-        if self.estimator == "forward":
+        with_base = self.estimator == "forward" or self.curvature
+        if with_base:
             losses.append(_scalar(loss_fn()))
         for k in queries:
             for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
                 losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign))
         losses = torch.stack(losses)
         projected = torch.zeros(self.num_queries, dtype=torch.float64, device=losses.device)
+        curvatures = None
+        probes = losses[1:] if with_base else losses
         if self.estimator == "central":
-            projected[queries] = (losses[0::2] - losses[1::2]) / (2 * self.eps)
+            projected[queries] = (probes[0::2] - probes[1::2]) / (2 * self.eps)
         else:
-            projected[queries] = (losses[1:] - losses[0]) / self.eps
+            projected[queries] = (probes - losses[0]) / self.eps
+        if self.curvature:
+            curvatures = torch.zeros_like(projected)
+            curvatures[queries] = (probes[0::2] + probes[1::2] - 2 * losses[0]) / self.eps**2
         return Probe(
             step=step,
             queries=queries,
             projected_grads=projected,
             losses=losses,
             num_forwards=len(losses),
+            curvatures=curvatures,
         )
 
     def perturbed(self, trainable: list[tuple[str, nn.Parameter]], step: int, query: int, sign: float):
@@ -204,7 +216,15 @@ class ZOEstimator:
         z is redrawn tile by tile, so nothing parameter-sized is allocated (see `DirectionSampler.add_to`).
         The parameters of one learning rate share their scales, so they are drawn by one prepared call.
         """
-        coefficients = coefficients.tolist()
+        self.apply_updates([(step, coefficients)], params)
+
+    @torch.no_grad()
+    def apply_updates(
+        self, terms: list[tuple[int, torch.Tensor]], params: Iterable[tuple[nn.Parameter, float, float]]
+    ) -> None:
+        """``p ← p·(1 − lr·wd) − lr·Σ_(step, c) Σ_k c_k z_k(step)``: the directions of several steps in one sweep
+        (momentum rebuilt from past seeds, `ZOSGD` with ``momentum_history``)."""
+        terms = [(step, coefficients.tolist()) for step, coefficients in terms]
         by_rate = defaultdict(list)
         for p, lr, weight_decay in params:
             if weight_decay:
@@ -212,12 +232,21 @@ class ZOEstimator:
             if lr:
                 by_rate[lr].append(p)
         for lr, group in by_rate.items():
-            scales = {k: -lr * c for k, c in enumerate(coefficients) if c}
-            add = self._prepared_update(group) if scales else None
+            scaled = [(step, {k: -lr * c for k, c in enumerate(coefficients) if c}) for step, coefficients in terms]
+            scaled = [(step, scales) for step, scales in scaled if scales]
+            add = self._prepared_update(group) if len(scaled) == 1 else None
             if add is not None:
-                add(step, scales)
-            else:  # flat views of the parameters, in place
-                self.sampler.add_to(step, [self._addition(p, scales, p) for p in group], check=False)
+                add(*scaled[0])
+            elif scaled:  # flat views of the parameters, in place
+                self.sampler.add_sum(scaled, [self._addition(p, {}, p) for p in group])
+
+    @torch.no_grad()
+    def add_directions(
+        self, step: int, coefficients: torch.Tensor, params: list[nn.Parameter], targets: list[torch.Tensor]
+    ) -> None:
+        """``target += Σ_k c_k z_k(p)`` for each parameter and a tensor of its shape (a gradient, a momentum buffer)."""
+        scales = {k: c for k, c in enumerate(coefficients.tolist()) if c}
+        self.sampler.add_to(step, [self._addition(p, scales, target) for p, target in zip(params, targets)])
 
     def _prepared_update(self, params: list[nn.Parameter]):
         """The sampler's prepared in-place update of ``params`` (`DirectionSampler.prepare`), kept while the
@@ -234,13 +263,11 @@ class ZOEstimator:
     @torch.no_grad()
     def write_grad(self, step: int, coefficients: torch.Tensor, params: Iterable[nn.Parameter]) -> None:
         """Materialise g into ``p.grad`` so any torch optimizer can consume it (costs one gradient's memory)."""
-        scales = {k: c for k, c in enumerate(coefficients.tolist()) if c}
-        additions = []
+        params = list(params)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            additions.append(self._addition(p, scales, p.grad))
-        self.sampler.add_to(step, additions)
+        self.add_directions(step, coefficients, params, [p.grad for p in params])
 
     def _owners(self, trainable) -> tuple[dict, dict, dict, list]:
         """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
