@@ -194,11 +194,22 @@ def test_changed_settings_are_listed_and_refused_unless_allowed(run_copy, caplog
     assert logged[-1] == pytest.approx(2e-2 * (1 - 3 / 4))  # the new rate, on the run's linear schedule
 
 
-def test_the_same_global_batch_split_differently_resumes(run_copy):
-    split = config(run_copy, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=5)
-    split.resume_allow_changes = True  # for max_steps only
-    trainer = trainer_for(split)
-    trainer.train(resume_from_checkpoint=str(run_copy / "checkpoint-4"))
+def test_the_same_global_batch_split_differently_resumes(run_copy, finished, caplog):
+    caplog.set_level("INFO", logger="zo_trainer.checkpointing")
+    trainer = trainer_for(config(run_copy, per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    trainer.train(resume_from_checkpoint=str(run_copy / "checkpoint-2"))
+    assert "per_device_train_batch_size: 4 (saved) -> 2 (now)" in caplog.text
+    for n, p in trainer.model.named_parameters():  # the same steps, summed in another order
+        torch.testing.assert_close(p, finished[1][n], rtol=0, atol=1e-4)
+
+
+def test_a_finished_run_trains_on_only_with_a_larger_max_steps_allowed(run_copy):
+    longer = config(run_copy, max_steps=5)
+    with pytest.raises(ValueError, match=r"max_steps: 4 \(saved\) -> 5 \(now\)"):
+        trainer_for(longer).train(resume_from_checkpoint=True)
+    longer.resume_allow_changes = True
+    trainer = trainer_for(longer)
+    trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 5 and not trainer.resumed_a_finished_run
 
 
@@ -289,6 +300,8 @@ def test_a_stop_signal_checkpoints_and_the_resume_equals_a_straight_run(tmp_path
     while not (out / "running").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signum)
+    time.sleep(0.1)
+    process.send_signal(signum)  # relayed at once, as accelerate launch does: still the same request
     log, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED_EXIT_STATUS, log[-3000:]
 
