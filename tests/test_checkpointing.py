@@ -120,7 +120,8 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_an_explicit_one_is_an_erro
     name, spoil, reason = DAMAGES[damage]
     spoil(run_copy / "checkpoint-4" / name)
 
-    with pytest.raises(BrokenCheckpointError, match=f"checkpoint-4.*{reason}.*latest complete checkpoint next to it is .*checkpoint-2"):
+    explicit = f"checkpoint-4.*{reason}.*latest complete checkpoint next to it is .*checkpoint-2"
+    with pytest.raises(BrokenCheckpointError, match=explicit):
         trainer_for(config(run_copy)).train(resume_from_checkpoint=str(run_copy / "checkpoint-4"))
 
     caplog.clear()

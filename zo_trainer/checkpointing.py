@@ -107,9 +107,11 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             raise BrokenCheckpointError(f"{file} is missing")
         size = file.stat().st_size
         if size != saved["bytes"]:
-            raise BrokenCheckpointError(f"{file} has {size} bytes, {saved['bytes']} when saved (truncated or rewritten)")
+            raise BrokenCheckpointError(
+                f"{file} has {size} bytes, {saved['bytes']} when saved (truncated or rewritten)")
         if _sha256(file) != saved["sha256"]:
-            raise BrokenCheckpointError(f"{file} differs from the saved file (sha256 mismatch: a flipped bit or an overwrite)")
+            raise BrokenCheckpointError(
+                f"{file} differs from the saved file (sha256 mismatch: a flipped bit or an overwrite)")
     return record
 
 
@@ -134,7 +136,8 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_NAME.match(name))]
-    return [os.path.join(output_dir, name) for _, name in sorted(found) if os.path.isdir(os.path.join(output_dir, name))]
+    paths = [os.path.join(output_dir, name) for _, name in sorted(found)]
+    return [path for path in paths if os.path.isdir(path)]
 
 
 def finished_run(output_dir: str | os.PathLike) -> dict | None:
@@ -300,6 +303,7 @@ class CheckpointSafety:
         nothing for a run that had finished, and checkpointing then raising `Preempted` on SIGTERM/SIGINT."""
         self.resumed_a_finished_run = False
         self._stop_signal = self._preempted_at = None
+        self._new_learning_rate = False
         run_dir = self.args.output_dir
         if resume_from_checkpoint in (None, False):
             resume_from_checkpoint = None
@@ -334,7 +338,8 @@ class CheckpointSafety:
         if resume_from_checkpoint is True:
             found = _latest_verified(self.args.output_dir)
             if found is None:
-                raise BrokenCheckpointError(f"no complete checkpoint in output_dir {self.args.output_dir} to resume from")
+                raise BrokenCheckpointError(
+                    f"no complete checkpoint in output_dir {self.args.output_dir} to resume from")
             return found
         try:
             return str(resume_from_checkpoint), verify_checkpoint(resume_from_checkpoint)
@@ -373,10 +378,10 @@ class CheckpointSafety:
         values = self.args.to_dict()
         names = [*EXACT_RESUME_FIELDS, *sorted(k for k in values if k.startswith("zo_"))]
         settings = {name: values[name] for name in names if name in values}
-        settings["per_device_train_batch_size"] = self.args.per_device_train_batch_size
-        settings["gradient_accumulation_steps"] = self.args.gradient_accumulation_steps
-        settings["world_size"] = self.args.world_size
-        settings["total_train_batch_size"] = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        args = self.args
+        batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        settings.update(per_device_train_batch_size=args.per_device_train_batch_size, world_size=args.world_size,
+                        gradient_accumulation_steps=args.gradient_accumulation_steps, total_train_batch_size=batch)
         return json.loads(json.dumps(settings, default=str))
 
     def _check_settings(self, checkpoint: str, saved: dict) -> None:
@@ -437,7 +442,8 @@ class CheckpointSafety:
                 os.remove(os.path.join(run_dir, RECORD_NAME))
             for checkpoint in checkpoint_dirs(run_dir):
                 _remove_dir(checkpoint)
-            logger.warning("overwrite_output_dir=True: deleted the earlier run's checkpoints and final model in %s", run_dir)
+            logger.warning("overwrite_output_dir=True: deleted the earlier run's checkpoints and final model in %s",
+                           run_dir)
         self.accelerator.wait_for_everyone()
 
     # --------------------------------------------------------------------------------------- saving
