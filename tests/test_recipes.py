@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,81 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path):
     with pytest.raises(ValueError, match="unknown key") as err:
         pretrain_zo.parse_args(["--config", config])
     assert "zo_num_querys" in str(err.value) and "typo.yaml" in str(err.value)
+
+
+def test_duplicate_yaml_key_names_key_lines_and_file(tmp_path):
+    config = _write(tmp_path / "twice.yaml", "learning_rate: 0.001\nzo_num_queries: 4\nlearning_rate: 0.1\n")
+    with pytest.raises(pretrain_zo.RecipeError, match="duplicate key 'learning_rate' \\(first set on line 1\\)") as err:
+        pretrain_zo.parse_args(["--config", config])
+    assert f'in "{config}", line 3' in str(err.value)
+
+
+def test_duplicate_key_inside_a_block_is_refused_too(tmp_path):
+    config = _write(tmp_path / "blocks.yaml", "block_schedule:\n  - {parameters: ['model.norm.*'], steps: 2, "
+                    "steps: 3}\n")
+    with pytest.raises(pretrain_zo.RecipeError, match="duplicate key 'steps' \\(first set on line 2\\)") as err:
+        pretrain_zo.parse_args(["--config", config])
+    assert f'in "{config}", line 2' in str(err.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    config = _write(tmp_path / "broken.yaml", "learning_rate: 0.001\n  zo_num_queries: 4\n")
+    with pytest.raises(pretrain_zo.RecipeError, match=re.escape(config)) as err:
+        pretrain_zo.parse_args(["--config", config])
+    assert "not a valid yaml recipe" in str(err.value) and "line 2" in str(err.value)
+
+
+LLAMA_TINY_PATTERN = "names look like \\['model.embed_tokens.weight'"
+REFUSED_SETTINGS = [  # yaml recipe, what the message must say (after "key=value (set in FILE)")
+    ("per_device_train_batch_size: 0\n", "must be an integer >= 1"),
+    ("per_device_eval_batch_size: 0\n", "must be an integer >= 1"),
+    ("gradient_accumulation_steps: 0\n", "must be an integer >= 1"),
+    ("block_size: 4096\n", "exceeds the model's max_position_embeddings=2048 \\(model_preset 'llama-tiny'\\); "
+                           "block_size must be <= 2048"),
+    ("trainable_parameters: ['model.layer.*']\n",
+     f"pattern 'model.layer.\\*' matches no parameter.*{LLAMA_TINY_PATTERN}"),
+    ("trainable_parameters: ['model.layers.-9.*']\n", "index -9 does not fit 'model.layers'"),
+    ("block_schedule:\n  - {parameters: ['model.embed.*'], steps: 2}\n",
+     f"pattern 'model.embed.\\*' matches no parameter.*{LLAMA_TINY_PATTERN}"),
+    ("block_schedule:\n  - {parameters: ['model.layers.{i}.*'], repeat_over: model.blocks, epochs: 1}\n",
+     "has no attribute `blocks`"),
+    ("training_order: sgd\n", "choose one of \\['zo', 'fo'\\]"),  # a dataclass's refusal gets the file too
+]
+
+
+@pytest.mark.parametrize("recipe, message", REFUSED_SETTINGS, ids=[r.split(":")[0] for r, _ in REFUSED_SETTINGS])
+def test_bad_setting_is_refused_naming_value_and_file(tmp_path, recipe, message):
+    config = _write(tmp_path / "bad.yaml", "model_preset: llama-tiny\n" + recipe)
+    key, value = recipe.split(":", 1)
+    with pytest.raises(pretrain_zo.RecipeError) as err:
+        pretrain_zo.parse_args(["--config", config, "--output_dir", str(tmp_path / "run")])
+    text = str(err.value)
+    assert re.search(message, text), text
+    assert f"{key} set in {config}" in text or f"{key}={yaml.safe_load(value)!r} (set in {config})" in text, text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_setting_from_the_command_line_is_named_as_such(tmp_path):
+    with pytest.raises(pretrain_zo.RecipeError, match=r"block_size=4096 \(set on the command line\) exceeds"):
+        pretrain_zo.parse_args(["--scale", "cpu", "--block_size", "4096", "--output_dir", str(tmp_path)])
+    with pytest.raises(pretrain_zo.RecipeError, match=r"per_device_train_batch_size=0 \(set on the command line\)"):
+        pretrain_zo.parse_args(["--per_device_train_batch_size", "0", "--output_dir", str(tmp_path)])
+
+
+def test_block_size_is_checked_against_a_config_dir(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=64).save_pretrained(tmp_path / "small")
+    base = ["--config_name", str(tmp_path / "small"), "--output_dir", str(tmp_path / "run")]
+    pretrain_zo.parse_args([*base, "--block_size", "64"])
+    with pytest.raises(pretrain_zo.RecipeError, match=f"max_position_embeddings=64 \\('{re.escape(str(tmp_path))}"):
+        pretrain_zo.parse_args([*base, "--block_size", "65"])
+
+
+@pytest.mark.parametrize("recipe", RUNNABLE_RECIPES)
+def test_every_paper_recipe_passes_the_start_up_checks(recipe):
+    pretrain_zo.parse_args(["--config", str(RECIPES / recipe), "--scale", "cpu"])
 
 
 def test_missing_config_file(tmp_path):
