@@ -34,12 +34,16 @@ real when given.
 Outputs in `output_dir`: the model and tokenizer (`from_pretrained`-loadable), checkpoints,
 `trainer_state.json`, `{train,eval,all}_results.json` (with `init_eval_loss`, the untrained model's eval
 loss, and `perplexity`), `run_config.yaml` (the resolved recipe: rerun it with `--config`), a model card.
+An `output_dir` that holds an earlier run is refused unless `--resume_from_checkpoint true` (the latest complete
+checkpoint) or `--overwrite_output_dir true`. On SIGTERM or SIGINT the current step finishes, a checkpoint is
+written and the process exits with status 75; `--resume_from_checkpoint true` then continues it exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -53,11 +57,11 @@ import transformers
 import yaml
 from transformers import (AutoConfig, AutoModelForCausalLM, HfArgumentParser, LlamaConfig, default_data_collator,
                           set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 from zo_trainer.callbacks import BlockSchedule, match_parameters
+from zo_trainer.checkpointing import BrokenCheckpointError, check_output_dir, finished_run, latest_complete_checkpoint
 from zo_trainer.config import ZOConfig
-from zo_trainer.data import DataArguments, DataFileError, load_raw_dataset, build_lm_datasets
+from zo_trainer.data import DataArguments, DataFileError, build_lm_datasets, load_raw_dataset, split_long_text
 from zo_trainer.memory import peak_memory_mb, reset_peak_memory
 from zo_trainer.metrics import compute_metrics, perplexity, preprocess_logits_for_metrics
 from zo_trainer.modeling import PRESETS, ModelArguments, _from_hub, build_model, preset_kwargs, tokenizer_vocab_size
@@ -287,7 +291,7 @@ def _resume_checkpoint(training_args: ZOConfig) -> str | None:
     if value is None or str(value).lower() in ("false", "no", "0", "none", ""):
         return None
     if str(value).lower() in TRUE:
-        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        last = latest_complete_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
         if last is None:
             logger.warning("resume_from_checkpoint=%s but %s has no checkpoint: training from scratch.", value,
                            training_args.output_dir)
@@ -315,11 +319,12 @@ def load_tokenizer(model_args, data_args, training_args, raw_datasets, resume: s
     # One process trains and saves it; the others load that file, so every rank sees the same vocabulary.
     with training_args.main_process_first(desc="training the tokenizer"):
         if training_args.local_process_index == 0:
-            texts = raw_datasets["train"][data_args.text_column]
+            documents = raw_datasets["train"][data_args.text_column]
+            texts = [piece for text in documents for piece in split_long_text(text)]  # bounded memory, as tokenising
             tokenizer = build_tokenizer(None, texts, tokenizer_vocab_size(model_args), max_length)
             tokenizer.save_pretrained(output_dir)
             logger.info("Trained a byte-level BPE of %d tokens on %d documents; saved to %s", len(tokenizer),
-                        len(texts), output_dir)
+                        len(documents), output_dir)
         else:
             tokenizer = build_tokenizer(str(output_dir), [], 0, max_length)
     return tokenizer
@@ -344,10 +349,11 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
                 training_args.world_size, training_args.device, training_args.parallel_mode.value,
                 torch.get_num_threads(), os.cpu_count() or 1)
     resume = _resume_checkpoint(training_args)
+    check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
     output_dir = Path(training_args.output_dir)
-    if training_args.process_index == 0:
+    if training_args.process_index == 0 and resume is None:  # a resume keeps the run's recipe as it was
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "run_config.yaml").write_text(
             f"# Resolved recipe of this run; rerun with: --config {output_dir / 'run_config.yaml'}\n"
@@ -387,6 +393,10 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
 
     reset_peak_memory()
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.resumed_a_finished_run and finished_run(output_dir) is not None:
+        logger.info("%s holds the finished run: nothing to do", output_dir)
+        results = output_dir / "all_results.json"
+        return trainer, json.loads(results.read_text()) if results.is_file() else {}
     train_peak_memory_mb = peak_memory_mb()
     trainer.save_model()  # model + tokenizer, loadable with from_pretrained
     train_metrics = dict(train_result.metrics)
@@ -428,5 +438,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (RecipeError, DataFileError) as error:  # the message says it all: no traceback
+    except (RecipeError, DataFileError, BrokenCheckpointError, FileExistsError) as error:  # the message says it all
         sys.exit(f"pretrain_zo.py: error: {error}")

@@ -307,7 +307,7 @@ class CheckpointSafety:
         run_dir = self.args.output_dir
         if resume_from_checkpoint in (None, False):
             resume_from_checkpoint = None
-            overwrite = getattr(self.args, "overwrite_output_dir", False)
+            overwrite = self.args.overwrite_output_dir
             check_output_dir(run_dir, None, overwrite)
             if overwrite:
                 self._delete_earlier_run(run_dir)
@@ -398,7 +398,7 @@ class CheckpointSafety:
         if not breaking:
             logger.info("Resuming %s with the same global batch split differently:\n%s", checkpoint, lines)
             return
-        if not getattr(self.args, "resume_allow_changes", False):
+        if not self.args.resume_allow_changes:
             raise ValueError(
                 f"resuming {checkpoint} with settings that differ from the ones it was saved with, so the resumed "
                 f"steps would not be those of the run:\n{lines}\nRestore them, or set resume_allow_changes=True "

@@ -153,6 +153,21 @@ class ZOConfig(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds an earlier run (checkpoints or a final model): its "
+            "checkpoints and final weights are deleted first. Without it such an output_dir is refused unless resuming."
+        },
+    )
+    resume_allow_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume although settings an exact resume depends on (learning_rate, zo_*, max_steps, the global "
+            "batch, ...) differ from the checkpoint's; the differences are logged and the new values apply."
+        },
+    )
+
     gradient_probe_steps: int = field(
         default=0,
         metadata={
