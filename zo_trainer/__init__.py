@@ -4,7 +4,8 @@ from .callbacks import BlockFreezeCallback, BlockReinitCallback
 from .config import ZOConfig
 from .diagnostics import GradientProbeCallback
 from .trainer import ZOTrainer
-from .zo import ZOSGD, DirectionSampler, ZOEstimator
+from .lr_find import find_learning_rate
+from .zo import ZOSGD, DirectionSampler, ZOAdam, ZOEstimator, ZOSign
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,9 +13,12 @@ __all__ = [
     "BlockReinitCallback",
     "DirectionSampler",
     "GradientProbeCallback",
+    "ZOAdam",
     "ZOConfig",
     "ZOEstimator",
     "ZOSGD",
+    "ZOSign",
     "ZOTrainer",
     "__version__",
+    "find_learning_rate",
 ]
