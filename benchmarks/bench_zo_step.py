@@ -5,6 +5,7 @@
     python benchmarks/bench_zo_step.py --models 20m --repeats 5 --json out.json
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,mezo_q1 --repeats 31   # the target, tighter
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1 --memory-runs 11       # memory medians, tighter
+    python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,zo_q1_history8 --repeats 9   # momentum from 8 steps' seeds
     python benchmarks/bench_zo_step.py --models small,20m,1b     # on a GPU (CUDA is used when present)
     python benchmarks/bench_zo_step.py --models 128k-vocab --kinds zo_q1,mezo_q1 --repeats 5   # a head larger than its logits
 
@@ -65,7 +66,8 @@ MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
 DEFAULT_REPEATS = {"small": 41, "20m": 7, "1b": 7, "128k-vocab": 5}  # small: ~1.5 s a repeat, 20m: ~30 s on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
 MEM_KINDS = ("inference", "zo", "fo_sgd", "fo_adamw")
-QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "mezo_q1": 1, "mezo_q4": 4}
+QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "zo_q1_history8": 1, "mezo_q1": 1,
+           "mezo_q4": 4}
 FO_KINDS = ("fo_sgd", "fo_adamw")
 TIMED_KINDS = (*QUERIES, *FO_KINDS)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,9 +93,9 @@ def make_steps(model, x) -> dict:
             loss_fn()
             loss_fn()
 
-    def zo(q, distribution="gaussian"):
+    def zo(q, distribution="gaussian", **optimizer_kwargs):
         estimator = ZOEstimator(model, eps=EPS, num_queries=q, seed=0, distribution=distribution)
-        optimizer = ZOSGD(model.parameters(), estimator, lr=LR)
+        optimizer = ZOSGD(model.parameters(), estimator, lr=LR, **optimizer_kwargs)
 
         def step():
             optimizer.accumulate(estimator.probe(loss_fn, next(counter)))
@@ -115,6 +117,7 @@ def make_steps(model, x) -> dict:
         "zo_q4": zo(4),
         "zo_q1_rademacher": zo(1, "rademacher"),
         "zo_q1_lowrank": zo(1, "lowrank"),
+        "zo_q1_history8": zo(1, momentum=0.9, momentum_history=8),  # momentum rebuilt from 8 steps' seeds
         "mezo_q1": lambda: mezo_step(model, loss_fn, 1, next(counter)),
         "mezo_q4": lambda: mezo_step(model, loss_fn, 4, next(counter)),
         "fo_sgd": fo(torch.optim.SGD(model.parameters(), lr=LR)),

@@ -31,6 +31,18 @@ def tiny_llama(vocab_size=256, hidden=64, layers=2, seed=0, dtype=torch.float32,
     return LlamaForCausalLM(config).to(dtype)
 
 
+def params(model):
+    """A copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b):
+    """Two `params` snapshots are bitwise equal."""
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
 def fp16_autocast_as_on_gpus(model):
     """What accelerate does to the model with fp16 on a GPU (autocast to float16); on CPU it ignores fp16."""
     model.forward = torch.autocast("cpu", dtype=torch.float16)(model.forward)

@@ -5,6 +5,7 @@ bitwise and compare a P-process run with a 1-process run.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,6 +26,7 @@ parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
 parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
 parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (ZO must refuse it)")
+parser.add_argument("--zo", nargs="*", default=[], metavar="FIELD=JSON", help="more ZOConfig fields, e.g. zo_momentum=0.9")
 cli = parser.parse_args()
 
 args = ZOConfig(
@@ -33,6 +35,7 @@ args = ZOConfig(
     zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
     dataloader_drop_last=True, fp16=cli.mixed_precision == "fp16", bf16=cli.mixed_precision == "bf16",
     **({"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if cli.fsdp else {}),
+    **{key: json.loads(value) for key, value in (setting.split("=", 1) for setting in cli.zo)},
 )
 model = tiny_llama()
 if cli.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate autocasts fp16 on GPUs only

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from conftest import random_token_dataset, tiny_llama
+from conftest import assert_same, params, random_token_dataset, tiny_llama
 from zo_trainer import ZOConfig, ZOTrainer
 from zo_trainer.checkpointing import (
     PREEMPTED_EXIT_STATUS,
@@ -45,16 +45,6 @@ def config(out, **overrides):
 
 def trainer_for(args, model=None, **kwargs):
     return ZOTrainer(model=model or tiny_llama(seed=7), args=args, train_dataset=random_token_dataset(), **kwargs)
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
 
 
 def snapshot(directory):

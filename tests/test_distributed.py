@@ -14,6 +14,8 @@ TWO_PROCESSES = ["--config_file", str(ROOT / "accelerate_configs" / "multi_cpu_2
 ONE_PROCESS = ["--num_processes", "1", "--cpu"]
 ROUNDING = 1e-4  # see tests/test_zo_trainer.py: equal runs in a different float order agree to ~1e-5
 
+NEWTON = ["zo_step_rule=\"newton\"", "learning_rate=0.5", "zo_momentum=0.9", "zo_momentum_history=2"]
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,6 +40,9 @@ def runs(tmp_path_factory):
         "fp16": launch(TWO_PROCESSES, tmp / "fp16", "--batch", "4", "--queries", "4", "--mixed_precision", "fp16"),
         "resumed": launch(ONE_PROCESS, tmp / "resumed", "--batch", "8", "--queries", "4",
                           "--resume", str(tmp / "data" / "checkpoint-2")),
+        # a ZO optimizer with state (momentum rebuilt from seeds) and a step rule that reduces curvatures too
+        "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
+        "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
     }
 
 
@@ -45,7 +50,7 @@ def max_difference(a, b):
     return max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
 
 
-@pytest.mark.parametrize("mode", ["data", "query", "fp16"])
+@pytest.mark.parametrize("mode", ["data", "query", "fp16", "newton-data"])
 def test_replicas_stay_bitwise_identical(runs, mode):
     rank0, rank1 = runs[mode]
     assert rank0["world"] == rank1["world"] == 2
@@ -59,6 +64,12 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs, mode):
     assert max_difference(runs[mode][0], one) < ROUNDING
     moved = max((p - q).abs().max().item() for p, q in zip(one["params"].values(), runs["resumed"][0]["params"].values()))
     assert moved < ROUNDING  # also the reference for the resume below
+
+
+def test_a_zo_optimizer_with_state_runs_data_parallel_as_on_one_process(runs):
+    (one,) = runs["newton-one"]
+    assert max_difference(runs["newton-data"][0], one) < ROUNDING
+    assert max_difference(one, runs["one"][0]) > 10 * ROUNDING  # another method than ZO-SGD: other weights
 
 
 def test_fp16_mixed_precision_trains_data_parallel(runs):

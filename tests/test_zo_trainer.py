@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from zo_trainer import ZOConfig, ZOTrainer
 from zo_trainer.zo import ZOSGD, ZOEstimator
 
-from conftest import fp16_autocast_as_on_gpus, random_token_dataset, tiny_llama
+from conftest import assert_same, fp16_autocast_as_on_gpus, params, random_token_dataset, tiny_llama
 
 
 # Two float32 computations of the same step differ by ~1e-8 in the weights; the next probes divide the loss
@@ -39,16 +39,6 @@ def train(args, model=None, dataset=None, **trainer_kwargs):
     trainer = ZOTrainer(model=model, args=args, train_dataset=dataset or random_token_dataset(), **trainer_kwargs)
     trainer.train(resume_from_checkpoint=trainer_kwargs.pop("resume", None))
     return trainer
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
 
 
 def test_zo_step_matches_a_hand_written_engine_loop(tmp_path):

