@@ -29,14 +29,15 @@ parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (
 parser.add_argument("--zo", nargs="*", default=[], metavar="FIELD=JSON", help="more ZOConfig fields, e.g. zo_momentum=0.9")
 cli = parser.parse_args()
 
-args = ZOConfig(
+settings = dict(
     output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.batch, learning_rate=1e-2,
     logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True, seed=0, zo_num_queries=cli.queries,
     zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
     dataloader_drop_last=True, fp16=cli.mixed_precision == "fp16", bf16=cli.mixed_precision == "bf16",
     **({"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if cli.fsdp else {}),
-    **{key: json.loads(value) for key, value in (setting.split("=", 1) for setting in cli.zo)},
 )
+settings.update({key: json.loads(value) for key, value in (setting.split("=", 1) for setting in cli.zo)})
+args = ZOConfig(**settings)
 model = tiny_llama()
 if cli.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate autocasts fp16 on GPUs only
     fp16_autocast_as_on_gpus(model)
