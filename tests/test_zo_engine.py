@@ -1,6 +1,8 @@
 """The ZO engine against independent references: analytic gradients, a naive SPSA that materialises z."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -796,3 +798,13 @@ def test_accumulating_two_steps_is_refused(llama):
     optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 0))
     with pytest.raises(ValueError, match="step 1"):
         optimizer.accumulate(estimator.probe(lambda: llama(input_ids=ids, labels=ids).loss, 1))
+
+
+def test_engine_imports_without_transformers():
+    """The engine is plain PyTorch: importing it (and running a probe) loads neither transformers nor datasets."""
+    code = ("import sys, torch, zo_trainer.zo as zo\n"
+            "model = torch.nn.Linear(3, 1)\n"
+            "zo.ZOEstimator(model, seed=0).probe(lambda: model(torch.ones(2, 3)).sum(), 0)\n"
+            "print(sorted(m for m in ('transformers', 'datasets', 'accelerate') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
