@@ -35,7 +35,7 @@ import warnings
 
 import torch
 
-from zo_trainer.zo import Addition, DirectionSampler, philox
+from zo_trainer.zo import Addition, DirectionSampler, kernels
 
 BUFFER_NUMEL = 1 << 16
 
@@ -58,7 +58,7 @@ def main() -> None:
     cli = parser.parse_args()
     if cli.device == "cuda":
         return gpu_main(cli.numel, cli.repeats)
-    if philox.KERNEL is None:
+    if kernels.KERNEL is None:
         print("# the C kernel is not built: add_to runs the torch code")
     source, target = torch.randn(cli.numel), torch.empty(cli.numel)
     buffer, generator = torch.empty(BUFFER_NUMEL), torch.Generator().manual_seed(0)
@@ -71,13 +71,13 @@ def main() -> None:
         sampler.add_to(next(steps), [Addition("w", (numel,), {0: 1e-3}, source[:numel], target[:numel])])
 
     def torch_code():
-        kernel, philox.KERNEL = philox.KERNEL, None
+        kernel, kernels.KERNEL = kernels.KERNEL, None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the fallback's notice: deliberate here
                 add_to(samplers["gaussian"], cli.numel // 10)
         finally:
-            philox.KERNEL = kernel
+            kernels.KERNEL = kernel
 
     samplers = {name: DirectionSampler(name, seed=0) for name in ("gaussian", "rademacher")}
     steps = iter(range(10**9))
@@ -97,7 +97,7 @@ def main() -> None:
         print(f"{kind:<30}{cells[0]:>10.2f}{cells[1]:>12.2f}")
     warm, cold = call_cost_us(samplers["gaussian"], steps)
     print(f"one add_to call of 320 entries: {warm:.1f} us warm, {cold:.1f} us right after a matrix product")
-    if philox.KERNEL is not None:  # add_rows draws through the kernel only
+    if kernels.KERNEL is not None:  # add_rows draws through the kernel only
         rows, milliseconds = embedding_rows_ms(samplers["gaussian"], steps)
         print(f"add_rows of {rows} embedding rows of 320 entries: {milliseconds:.3f} ms a call")
 
@@ -141,11 +141,11 @@ def gpu_main(numel: int, repeats: int) -> None:
         sampler.add_to(next(steps), [Addition("w", (numel,), {0: 1e-3}, source, target)])
 
     def torch_code():
-        serves, philox._gpu_kernel_serves = philox._gpu_kernel_serves, lambda source, target: False
+        serves, kernels._gpu_kernel_serves = kernels._gpu_kernel_serves, lambda source, target: False
         try:
             add_to(samplers["gaussian"])
         finally:
-            philox._gpu_kernel_serves = serves
+            kernels._gpu_kernel_serves = serves
 
     kinds = {"MeZO: normal + add": mezo, **{f"add_to {n} (Triton)": lambda s=s: add_to(s) for n, s in samplers.items()},
              "add_to gaussian, torch code": torch_code}

@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench_zo_step import DEVICE, build
-from zo_trainer.zo import DirectionSampler, ZOEstimator, philox, spsa
+from zo_trainer.zo import DirectionSampler, ZOEstimator, kernels, spsa
 
 
 class CopyOnlySampler(DirectionSampler):
@@ -77,7 +77,7 @@ def draw_ms(run, repeats: int, draws: dict) -> dict[str, tuple[float, float]]:
     totals = {label: [] for label in draws}
     kernels = {label: [] for label in draws}
     inside: list[list] = []  # [label, kernel seconds] of the draw running now
-    originals, kernel = {label: getattr(*where) for label, where in draws.items()}, philox.KERNEL
+    originals, kernel = {label: getattr(*where) for label, where in draws.items()}, kernels.KERNEL
 
     def timed(label, function):
         def draw(*args, **kwargs):
@@ -98,7 +98,7 @@ def draw_ms(run, repeats: int, draws: dict) -> dict[str, tuple[float, float]]:
 
     for label, (owner, name) in draws.items():
         setattr(owner, name, timed(label, originals[label]))
-    philox.KERNEL = timed_kernel
+    kernels.KERNEL = timed_kernel
     try:
         for _ in range(repeats):
             for label in draws:
@@ -107,7 +107,7 @@ def draw_ms(run, repeats: int, draws: dict) -> dict[str, tuple[float, float]]:
     finally:
         for label, (owner, name) in draws.items():
             setattr(owner, name, originals[label])
-        philox.KERNEL = kernel
+        kernels.KERNEL = kernel
     return {label: (statistics.median(totals[label]) * 1e3, statistics.median(kernels[label]) * 1e3) for label in draws}
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     for kind in kinds:
         print(f"{kind:<25}{medians[kind]:>9.4f}{medians[kind] / medians['forward']:>8.3f}"
               f"{minima[kind]:>9.4f}{minima[kind] / minima['forward']:>8.3f}")
-    if philox.KERNEL is not None and DEVICE.type == "cpu":  # the C kernel draws for CPU tensors only
+    if kernels.KERNEL is not None and DEVICE.type == "cpu":  # the C kernel draws for CPU tensors only
         for run, draws, what in ((kinds["probe"], PROBE_DRAWS, "a probe's "), (kinds["update"], UPDATE_DRAWS, "an ")):
             for label, (total, kernel) in draw_ms(run, cli.repeats, draws).items():
                 print(f"{what}{label}: {total:.2f} ms, of which the C kernel {kernel:.2f} ms and the Python around it "

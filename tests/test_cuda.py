@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from zo_trainer import ZOTrainer
-from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, philox
+from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, kernels
 
 from conftest import random_token_dataset, tiny_llama
 from test_zo_engine import Quadratic, assert_probe_and_update_match_naive_spsa, zo_estimate
@@ -47,7 +47,7 @@ def test_cuda_draws_the_numbers_of_the_cpu_kernel_bit_for_bit(kernel, distributi
     """One call over tensors of many sizes (tile edges, 1, millions), a correlated chain with a link drawn and not
     added, in place and out of place: the GPU's targets equal the CPU's C kernel's, bit for bit."""
     if kernel == "torch code":
-        monkeypatch.setattr(philox, "_gpu_kernel_serves", lambda source, target: False)
+        monkeypatch.setattr(kernels, "_gpu_kernel_serves", lambda source, target: False)
     sampler = DirectionSampler(distribution, correlation=-0.4, seed=9)
     g = torch.Generator().manual_seed(3)
     sizes = [1, 1023, 1024, 1025, 4096 * 320 + 7, 3_000_001]

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from zo_trainer.zo import philox
+from zo_trainer.zo import kernels, philox
 
 KNOWN_ANSWERS = [  # Random123 kat_vectors: philox4x32 10 (counter, key) -> output
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -19,7 +19,7 @@ KNOWN_ANSWERS = [  # Random123 kat_vectors: philox4x32 10 (counter, key) -> outp
     ),
 ]
 SEED = 0x243F6A8885A308D3
-needs_kernel = pytest.mark.skipif(philox.KERNEL is None, reason="the C kernel was not built (no C compiler at install)")
+needs_kernel = pytest.mark.skipif(kernels.KERNEL is None, reason="the C kernel was not built (no C compiler at install)")
 
 
 @pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
@@ -40,7 +40,7 @@ def test_torch_blocks_equal_scalar_philox_across_the_32_bit_counter_boundary():
 def test_each_kernel_implementation_gives_the_scalar_philox_blocks(isa):
     first = 2**32 - 32  # the counter's high word becomes 1 at lane 32
     out = torch.empty(4, 64, dtype=torch.int32)
-    if not philox.LIBRARY.zo_philox_blocks(SEED, first, 64, isa, out.data_ptr()):
+    if not kernels.LIBRARY.zo_philox_blocks(SEED, first, 64, isa, out.data_ptr()):
         pytest.skip(f"this CPU lacks the instructions of implementation {isa}")
     for lane in (0, 1, 15, 31, 32, 63):
         c = first + lane
@@ -98,16 +98,16 @@ def both_paths(source, target_dtype, seeds, scales, correlation, is_rademacher, 
     """``add_directions`` through the C kernel and through the torch code."""
     results = []
     before = torch.get_num_threads()
-    for kernel in (philox.KERNEL, None):
+    for kernel in (kernels.KERNEL, None):
         target = torch.empty(source.numel(), dtype=target_dtype)
-        old, philox.KERNEL = philox.KERNEL, kernel
+        old, kernels.KERNEL = kernels.KERNEL, kernel
         torch.set_num_threads(threads)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the torch code's one-time notice
-                philox.add_directions([source], [target], [seeds], [scales], correlation, is_rademacher)
+                kernels.add_directions([source], [target], [seeds], [scales], correlation, is_rademacher)
         finally:
-            philox.KERNEL = old
+            kernels.KERNEL = old
             torch.set_num_threads(before)
         results.append(target)
     return results
@@ -139,17 +139,17 @@ def test_kernel_equals_torch_code_in_half_precision(dtype):
 def test_in_place_update_equals_out_of_place():
     source = torch.randn(70_001, generator=torch.Generator().manual_seed(1))
     out = torch.empty_like(source)
-    philox.add_directions([source], [out], [[8]], [[0.25]])
-    philox.add_directions([source], [source], [[8]], [[0.25]])
+    kernels.add_directions([source], [out], [[8]], [[0.25]])
+    kernels.add_directions([source], [source], [[8]], [[0.25]])
     assert torch.equal(source, out)
 
 
-@pytest.mark.parametrize("kernel", [pytest.param(philox.KERNEL, marks=needs_kernel, id="kernel"), pytest.param(None, id="torch code")])
+@pytest.mark.parametrize("kernel", [pytest.param(kernels.KERNEL, marks=needs_kernel, id="kernel"), pytest.param(None, id="torch code")])
 def test_one_call_over_many_tensors_equals_one_call_each(kernel, monkeypatch):
     """The kernel draws a list of tensors in one parallel region; each must come out as if drawn alone,
     with its own seeds and scales, whatever its dtype and size (sizes straddle the tile and the thread split)."""
-    monkeypatch.setattr(philox, "_warned", {"cpu"})  # the torch code's one-time notice
-    monkeypatch.setattr(philox, "KERNEL", kernel)
+    monkeypatch.setattr(kernels, "_warned", {"cpu"})  # the torch code's one-time notice
+    monkeypatch.setattr(kernels, "KERNEL", kernel)
     g = torch.Generator().manual_seed(2)
     sizes_and_dtypes = [(5000, torch.float32), (1, torch.float32), (300, torch.bfloat16), (70_001, torch.float32),
                         (256, torch.float32), (999, torch.float64), (4095, torch.float32)]  # fmt: skip
@@ -157,10 +157,10 @@ def test_one_call_over_many_tensors_equals_one_call_each(kernel, monkeypatch):
     seeds = [[11 + t, 2**63 + t, 7 * t] for t in range(len(sources))]
     scales = [[0.5 / (t + 1), None, -1e-3 * t] for t in range(len(sources))]
     together = [torch.empty_like(s) for s in sources]
-    philox.add_directions(sources, together, seeds, scales, -0.25)
+    kernels.add_directions(sources, together, seeds, scales, -0.25)
     for t, source in enumerate(sources):
         alone = torch.empty_like(source)
-        philox.add_directions([source], [alone], [seeds[t]], [scales[t]], -0.25)
+        kernels.add_directions([source], [alone], [seeds[t]], [scales[t]], -0.25)
         assert torch.equal(together[t], alone), f"tensor {t} of {sizes_and_dtypes[t]}"
 
 
@@ -175,41 +175,41 @@ def test_slices_and_matrix_rows_drawn_from_any_entry_equal_the_torch_code(is_rad
     for first, count in ((37, 1000), (255, 1), (300, 50), (1000 * 320 + 64, 320), (513, 300_001)):
         source = torch.randn(count, generator=g)
         kernel, torch_code = torch.empty(count), torch.empty(count)
-        philox.add_directions([source], [kernel], [seeds], [scales], correlation, is_rademacher, firsts=[first])
-        alpha, beta = philox._chain_coefficients(correlation)
-        philox._add_directions_torch(source, torch_code, first, seeds, scales, alpha, beta, is_rademacher)
+        kernels.add_directions([source], [kernel], [seeds], [scales], correlation, is_rademacher, firsts=[first])
+        alpha, beta = philox.chain_coefficients(correlation)
+        philox.add_directions_reference(source, torch_code, first, seeds, scales, alpha, beta, is_rademacher)
         assert torch.equal(kernel.view(torch.int32), torch_code.view(torch.int32)), (first, count)
     matrix = torch.randn(3000, 320, generator=g)
     whole = torch.empty_like(matrix)
-    philox.add_directions([matrix.view(-1)], [whole.view(-1)], [seeds], [scales], correlation, is_rademacher)
+    kernels.add_directions([matrix.view(-1)], [whole.view(-1)], [seeds], [scales], correlation, is_rademacher)
     rows = torch.tensor([2999, 0, 17, 17, 801, 4])
     out = torch.empty(len(rows), 320)
-    philox.add_rows(matrix, rows, out, seeds, scales, correlation, is_rademacher)
+    kernels.add_rows(matrix, rows, out, seeds, scales, correlation, is_rademacher)
     assert torch.equal(out, whole[rows])
 
 
 def test_add_rows_refuses_what_it_cannot_draw():
     with pytest.raises(ValueError, match="add_rows needs"):
-        philox.add_rows(torch.zeros(4, 3, dtype=torch.bfloat16), torch.tensor([1]), torch.zeros(1, 3), [1], [1.0])
+        kernels.add_rows(torch.zeros(4, 3, dtype=torch.bfloat16), torch.tensor([1]), torch.zeros(1, 3), [1], [1.0])
     with pytest.raises(ValueError, match="add_rows needs"):
-        philox.add_rows(torch.zeros(4, 3), torch.tensor([[1]]), torch.zeros(1, 3), [1], [1.0])
+        kernels.add_rows(torch.zeros(4, 3), torch.tensor([[1]]), torch.zeros(1, 3), [1], [1.0])
     with pytest.raises(ValueError, match="firsts"):
-        philox.add_directions([torch.zeros(3)], [torch.zeros(3)], [[1]], [[1.0]], firsts=[-1])
+        kernels.add_directions([torch.zeros(3)], [torch.zeros(3)], [[1]], [[1.0]], firsts=[-1])
 
 
 @needs_kernel
 @pytest.mark.parametrize("row", [4, -1])
 def test_add_rows_refuses_rows_outside_the_matrix(row):
     with pytest.raises(IndexError, match=r"\[0, 4\)"):
-        philox.add_rows(torch.zeros(4, 3), torch.tensor([row]), torch.zeros(1, 3), [1], [1.0])
+        kernels.add_rows(torch.zeros(4, 3), torch.tensor([row]), torch.zeros(1, 3), [1], [1.0])
 
 
 def test_rows_must_agree_on_the_links_they_add():
     one = torch.zeros(10)
     with pytest.raises(ValueError, match="None at the same links"):
-        philox.add_directions([one, one.clone()], [one, one.clone()], [[1, 2], [3, 4]], [[0.1, None], [0.1, 0.2]])
+        kernels.add_directions([one, one.clone()], [one, one.clone()], [[1, 2], [3, 4]], [[0.1, None], [0.1, 0.2]])
 
 
 def test_coefficients_beyond_float32_range_become_infinite_not_an_error():
-    assert philox._float32(1e39) == math.inf and philox._float32(-1e39) == -math.inf
-    assert philox._float32(0.1) == float(torch.tensor(0.1, dtype=torch.float32))
+    assert philox.to_float32(1e39) == math.inf and philox.to_float32(-1e39) == -math.inf
+    assert philox.to_float32(0.1) == float(torch.tensor(0.1, dtype=torch.float32))

@@ -32,10 +32,10 @@ CHECKS = textwrap.dedent("""
                 rows = seeds * len(sources)
                 philox_triton.add_directions(sources, targets, rows, scales * len(sources), correlation, is_rademacher,
                                              firsts)
-                alpha, beta = philox._chain_coefficients(correlation)
+                alpha, beta = philox.chain_coefficients(correlation)
                 for source, target, first in zip(sources, targets, firsts):
                     expected = torch.empty_like(source)
-                    philox._add_directions_torch(source, expected, first, seeds[0], scales[0], alpha, beta, is_rademacher)
+                    philox.add_directions_reference(source, expected, first, seeds[0], scales[0], alpha, beta, is_rademacher)
                     bits = torch.int16 if dtype == torch.float16 else torch.int32
                     same = torch.equal(target.view(bits), expected.view(bits))
                     assert same, (is_rademacher, seeds, correlation, dtype, source.numel(), first,
@@ -48,7 +48,7 @@ CHECKS = textwrap.dedent("""
         seeds = [100 * step + t for t in range(len(params))]
         call(seeds, [-0.01], 0.0, False)
         for p, seed in zip(expected, seeds):
-            philox._add_directions_torch(p, p, 0, [seed], [-0.01], 0.0, 1.0, False)
+            philox.add_directions_reference(p, p, 0, [seed], [-0.01], 0.0, 1.0, False)
     assert all(torch.equal(p, e) for p, e in zip(params, expected))
     print("checked")
 """)

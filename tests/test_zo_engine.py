@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.func import functional_call
 
 from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, direction_seed
-from zo_trainer.zo import philox, spsa
+from zo_trainer.zo import kernels, philox, spsa
 
 from conftest import tiny_llama
 
@@ -117,8 +117,8 @@ def test_directions_do_not_need_the_c_kernel(monkeypatch):
     p = torch.randn(NUMEL)
     with_kernel, without = p.clone(), p.clone()
     sampler.add_to(1, [Addition("w", (NUMEL,), {0: 0.1, 2: -0.2}, p, with_kernel)])
-    monkeypatch.setattr(philox, "KERNEL", None)
-    monkeypatch.setattr(philox, "_warned", set())
+    monkeypatch.setattr(kernels, "KERNEL", None)
+    monkeypatch.setattr(kernels, "_warned", set())
     with pytest.warns(UserWarning, match="C kernel is unavailable"):
         sampler.add_to(1, [Addition("w", (NUMEL,), {0: 0.1, 2: -0.2}, p, without)])
     assert torch.equal(with_kernel, without)
@@ -140,7 +140,7 @@ def test_lowrank_directions_ignore_autocast():
         assert torch.equal(sampler.direction("W", (6, 5), 3, 0), plain)
 
 
-@pytest.mark.skipif(philox.KERNEL is None, reason="blocks of rows are drawn by the C kernel")
+@pytest.mark.skipif(kernels.KERNEL is None, reason="blocks of rows are drawn by the C kernel")
 @pytest.mark.parametrize("distribution, correlation", [("gaussian", 0.0), ("rademacher", 0.0), ("gaussian", -0.3)])
 def test_a_block_of_rows_equals_those_rows_of_the_whole_matrix(distribution, correlation):
     sampler, scales = DirectionSampler(distribution, correlation, seed=3), {0: 0.5, 2: -1.0}
@@ -153,7 +153,7 @@ def test_a_block_of_rows_equals_those_rows_of_the_whole_matrix(distribution, cor
             sampler.add_row_block(2, "w", matrix, start, out, scales)
 
 
-@pytest.mark.skipif(philox.KERNEL is None, reason="prepared draws go through the C kernel")
+@pytest.mark.skipif(kernels.KERNEL is None, reason="prepared draws go through the C kernel")
 @pytest.mark.parametrize("distribution, correlation", [("gaussian", 0.0), ("rademacher", 0.0), ("gaussian", -0.3)])
 def test_a_prepared_draw_equals_add_to_through_the_torch_code(distribution, correlation, monkeypatch):
     """The arguments built once and refilled at each call: every step and chain length gives the numbers of
@@ -166,15 +166,15 @@ def test_a_prepared_draw_equals_add_to_through_the_torch_code(distribution, corr
     for step, scales in ((0, {0: 1e-3}), (1, {0: -1e-3}), (1, {2: 0.5}), (9, {0: 2.0, 1: -1.0})):
         add(step, scales)
         with monkeypatch.context() as m:
-            m.setattr(philox, "KERNEL", None)
-            m.setattr(philox, "_warned", {"cpu"})
+            m.setattr(kernels, "KERNEL", None)
+            m.setattr(kernels, "_warned", {"cpu"})
             expected = [torch.empty(n) for n in sizes]
             sampler.add_to(step, [Addition(n, (len(s),), scales, s, e) for n, s, e in zip(names, sources, expected)])
         assert all(torch.equal(t, e) for t, e in zip(targets, expected)), (step, scales)
     assert DirectionSampler("lowrank").prepare(names, sources, targets) is None  # SubZero draws with torch
     assert sampler.prepare(["h"], [torch.zeros(4, dtype=torch.bfloat16)], [torch.zeros(4, dtype=torch.bfloat16)]) is None
     with pytest.raises(ValueError, match="3 tensors x 1 links need 3 seeds"):
-        philox.KernelCall(sources, targets)([1, 2], [1.0], 0.0, False)
+        kernels.KernelCall(sources, targets)([1, 2], [1.0], 0.0, False)
 
 
 def test_an_update_follows_parameters_given_new_storage():
@@ -344,7 +344,7 @@ def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypat
     assert model.lm_head.weight is head and not any(m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.skipif(philox.KERNEL is None, reason="rows are looked up only where the C kernel draws them")
+@pytest.mark.skipif(kernels.KERNEL is None, reason="rows are looked up only where the C kernel draws them")
 @pytest.mark.parametrize("distribution, correlation, queries, tied", [
     ("gaussian", 0.0, 2, True), ("gaussian", 0.5, 2, True), ("rademacher", 0.0, 1, True), ("gaussian", 0.0, 1, False),
 ])
@@ -394,7 +394,7 @@ class WideHeadWithBias(nn.Module):
         return torch.log_softmax(self.head(self.embed(ids)), -1).square().mean()
 
 
-@pytest.mark.skipif(philox.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")
+@pytest.mark.skipif(kernels.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")
 @pytest.mark.parametrize("tied, distribution, correlation", [
     (True, "gaussian", 0.0), (False, "gaussian", 0.5), (True, "rademacher", 0.0),
 ])
@@ -465,7 +465,7 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
     assert_restored()
 
 
-@pytest.mark.skipif(philox.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")
+@pytest.mark.skipif(kernels.KERNEL is None, reason="blocks are drawn only where the C kernel draws them")
 def test_blocks_of_a_linear_layer_with_a_bias_and_a_forward_set_on_it(monkeypatch):
     """A trainable bias is perturbed with its weight; a layer given a forward of its own after the first probe
     (accelerate's hooks do that) is copied whole from then on, and its forward is kept."""
@@ -510,7 +510,7 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
         draw_group(self, first)
         draws.append(first)
         alive.append(sum(copy.numel() * copy.element_size() for copy, *_ in self.cache.values()))
-        if philox.KERNEL is not None:
+        if kernels.KERNEL is not None:
             assert all(copy.numel() != embedding.numel() for copy, *_ in self.cache.values())
 
     monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
@@ -520,10 +520,10 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     for step in range(3):
         alive.clear(), draws.clear(), allocated.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
-        head_copy = 0 if philox.KERNEL is not None else embedding.numel() * 4
+        head_copy = 0 if kernels.KERNEL is not None else embedding.numel() * 4
         assert max(alive) <= head_copy + 100 * 1024 + 128 * 64 * 4  # a group ahead and the running MLP's copy
         assert estimator._arena.live == 0 and estimator._arena.offset == 0  # every copy given back
-        if philox.KERNEL is not None and step:  # in the order learned, every copy, row and block is in the arena
+        if kernels.KERNEL is not None and step:  # in the order learned, every copy, row and block is in the arena
             assert allocated == [] and 8192 < estimator._arena.buffer.numel() < 100 * 1024 + 128 * 64 * 4 + 64
     owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     assert len(draws) < owners / 2, "the copies were drawn one module at a time"

@@ -9,7 +9,8 @@ Entry i of z_k comes from Philox4x32-10 block i // 4 (i // 128 for ±1 entries) 
 ``direction_seed(seed, step, k, name)`` (see `philox`): no generator state, so a kernel draws and adds
 z tile by tile, in cache or in registers, and nothing parameter-sized is ever allocated to hold z. Drawing
 z is the largest cost of a ZO step after the forwards. The numbers are the same on every device: the C
-kernel on CPU, a Triton kernel on GPUs (`philox_triton`), and the torch code of `philox` elsewhere.
+kernel on CPU, a Triton kernel on GPUs (`philox_triton`), and the torch code of `philox` elsewhere, chosen by
+`kernels`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import philox
+from . import kernels
 
 SEED_CACHE_ENTRIES = 2**16  # direction seeds kept for reuse (a step's probes, its update, a momentum's history)
 DISTRIBUTIONS = ("gaussian", "rademacher", "lowrank")
@@ -86,7 +87,7 @@ class DirectionSampler:
 
         ``target`` may be ``source`` (an in-place update). The arithmetic is float32 (float64 for float64
         tensors) with one rounding to the target's dtype, so half-precision copies are exact functions of
-        p and z. The additions that draw the same links of the chain share one kernel call (`philox.add_directions`).
+        p and z. The additions that draw the same links of the chain share one kernel call (`kernels.add_directions`).
         ``check=False`` skips the checks of the tensors, for a caller that made them flat itself (a probe
         draws between two layers' products, where every check costs microseconds: `benchmarks/bench_directions.py`).
         """
@@ -114,7 +115,7 @@ class DirectionSampler:
             seeds = [[self._seed(step, k, a.name) for k in chain] for a in batch]
             scales = [[a.scales.get(k) for k in chain] for a in batch]
             # checked above or by the caller; the batch has the same links in every row
-            philox.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
+            kernels.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
                                   self.distribution == "rademacher", check=False)
 
     def add_sum(self, terms: Sequence[tuple[int, dict[int, float]]], additions: Sequence[Addition]) -> None:
@@ -128,14 +129,14 @@ class DirectionSampler:
             return
         seeds = [[self._seed(step, k, a.name) for step, scales in terms for k in sorted(scales)] for a in additions]
         scales = [[scales[k] for _, scales in terms for k in sorted(scales)]] * len(additions)
-        philox.add_directions([a.source for a in additions], [a.target for a in additions], seeds, scales, 0.0,
+        kernels.add_directions([a.source for a in additions], [a.target for a in additions], seeds, scales, 0.0,
                               self.distribution == "rademacher", check=False)
 
     def prepare(self, names: list[str], sources: list[torch.Tensor], targets: list[torch.Tensor]):
         """``add(step, scales)``, the same as ``add_to(step, [Addition(names[i], ., scales, sources[i], targets[i]) ...])``
-        over these fixed flat tensors, with the kernel's arguments built once (`philox.prepare`); None where
+        over these fixed flat tensors, with the kernel's arguments built once (`kernels.prepare`); None where
         `add_to` would not draw them in one kernel call (no kernel for them, SubZero's directions)."""
-        call = None if self.distribution == "lowrank" else philox.prepare(sources, targets)
+        call = None if self.distribution == "lowrank" else kernels.prepare(sources, targets)
         if call is None:
             return None
         rademacher = self.distribution == "rademacher"
@@ -149,7 +150,7 @@ class DirectionSampler:
 
     def can_add_rows(self, matrix: torch.Tensor) -> bool:
         """Whether `add_rows` serves ``matrix``: the C kernel, a float32 CPU matrix, element-wise directions."""
-        return (philox.KERNEL is not None and self.distribution != "lowrank" and matrix.dtype == torch.float32
+        return (kernels.KERNEL is not None and self.distribution != "lowrank" and matrix.dtype == torch.float32
                 and matrix.device.type == "cpu" and matrix.dim() == 2 and matrix.is_contiguous())
 
     @torch.no_grad()
@@ -158,7 +159,7 @@ class DirectionSampler:
         """``out[i] = matrix[rows[i]] + Σ_k scales[k]·z_k[rows[i]]``, bit for bit those rows of `add_to` over the
         matrix, drawing only them (an embedding's lookup needs a few rows of a large table)."""
         chain = self._links(scales)
-        philox.add_rows(matrix, rows, out, [self._seed(step, k, name) for k in chain],
+        kernels.add_rows(matrix, rows, out, [self._seed(step, k, name) for k in chain],
                         [scales.get(k) for k in chain], self.correlation, self.distribution == "rademacher")
 
     @torch.no_grad()
@@ -173,7 +174,7 @@ class DirectionSampler:
                              f"got rows {start}..{start + len(out)} of {out.dtype} {tuple(out.shape)} from "
                              f"{matrix.dtype} {tuple(matrix.shape)} on {matrix.device}")
         chain, width = self._links(scales), matrix.shape[1]
-        philox.add_directions([matrix.view(-1)[start * width : (start + len(out)) * width]], [out.view(-1)],
+        kernels.add_directions([matrix.view(-1)[start * width : (start + len(out)) * width]], [out.view(-1)],
                               [[self._seed(step, k, name) for k in chain]], [[scales.get(k) for k in chain]],
                               self.correlation, self.distribution == "rademacher", firsts=[start * width], check=False)
 

@@ -9,7 +9,7 @@ One launch draws and adds z for a whole list of tensors (``target = source + Σ_
 tile, each tile drawn in registers and added on the spot: a probe's group of perturbed copies costs one
 launch, and memory sees one read of the source and one write of the target. Why: on a GPU, the per-tensor
 launches of a small model's ~100 tensors cost more than their arithmetic, and a drawn z written to memory
-and read back costs two more passes over it. `directions` imports this module on the first GPU draw, so
+and read back costs two more passes over it. `kernels` imports this module on the first GPU draw, so
 Triton is needed only there.
 """
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import philox
-from .philox import _chain_coefficients, _float32
+from .philox import chain_coefficients, to_float32
 
 if int(triton.__version__.split(".")[0]) < 3:
     raise ImportError(f"the GPU kernel needs Triton >= 3.0 (tl.join), found {triton.__version__}")
@@ -82,12 +82,12 @@ class KernelCall:
         if not self.tiles:
             return
         used = sum(1 << k for k, s in enumerate(rows[0]) if s is not None)
-        flat_scales = [0.0 if s is None else _float32(s) for row in rows for s in row]
+        flat_scales = [0.0 if s is None else to_float32(s) for row in rows for s in row]
         seed_bits = [s & 0xFFFFFFFFFFFFFFFF for s in seeds]
         per_call = _to_device(struct.pack(f"<{len(seed_bits)}Q{len(flat_scales)}f", *seed_bits, *flat_scales), self.device)
         seeds_on_device = per_call[: 8 * len(seed_bits)].view(torch.int64)
         scales_on_device = per_call[8 * len(seed_bits) :].view(torch.float32)
-        alpha, beta = _chain_coefficients(correlation)
+        alpha, beta = chain_coefficients(correlation)
         with contextlib.nullcontext() if INTERPRETED else torch.cuda.device(self.device):
             _add_directions_kernel[(self.tiles,)](
                 self.table, seeds_on_device, scales_on_device, self.count, alpha, beta,
@@ -104,7 +104,7 @@ def _to_device(packed: bytes, device: torch.device) -> torch.Tensor:
 
 
 def add_directions(sources, targets, seeds, scales, correlation=0.0, is_rademacher=False, firsts=None) -> None:
-    """`philox.add_directions` on a GPU, for tensors that one `KernelCall` serves (one source and one target dtype)."""
+    """`kernels.add_directions` on a GPU, for tensors that one `KernelCall` serves (one source and one target dtype)."""
     KernelCall(sources, targets, firsts)([s for row in seeds for s in row], [list(row) for row in scales], correlation,
                                          is_rademacher)
 
