@@ -137,3 +137,30 @@ def test_console_script(tmp_path):
     result = subprocess.run(["zo-trainer", "plot", "density", str(tmp_path / "x.npz"), "--out", str(tmp_path / "d.png")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "x.npz" in result.stderr
+
+
+def test_train_is_the_recipe_runner(tmp_path):
+    """`zo-trainer train FLAGS` and recipes/pretrain_zo.py's runner give the same weights bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from test_recipes import TINY
+    from zo_trainer import run
+
+    flags = ["--scale", "cpu", *TINY, "--save_strategy", "no"]
+    assert main(["train", "--output_dir", str(tmp_path / "cli"), *flags]) == 0
+    run.main(["--output_dir", str(tmp_path / "runner"), *flags])
+    by_cli, by_runner = (load_file(tmp_path / name / "model.safetensors") for name in ("cli", "runner"))
+    assert by_cli.keys() == by_runner.keys()
+    assert all(torch.equal(by_cli[k], by_runner[k]) for k in by_cli)
+    assert not torch.equal(by_cli["model.norm.weight"], torch.ones_like(by_cli["model.norm.weight"]))  # it trained
+
+
+def test_train_refuses_bad_settings_by_name(tmp_path):
+    zo_trainer = shutil.which("zo-trainer")
+    assert zo_trainer, "the console script is installed with the package"
+    proc = subprocess.run([zo_trainer, "train", "--per_device_train_batch_size", "0", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "zo-trainer train: error: per_device_train_batch_size=0 (set on the command line)" in proc.stderr
+    assert "Traceback" not in proc.stderr

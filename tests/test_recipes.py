@@ -1,6 +1,5 @@
-"""recipes/pretrain_zo.py: argument parsing, real (tiny, offline) runs of the recipes, reload, 2 processes."""
+"""The recipe runner (zo_trainer.run, behind recipes/pretrain_zo.py): argument parsing, real (tiny, offline) runs of the recipes, reload, 2 processes."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from zo_trainer import run as pretrain_zo
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 # Recipes that parse and run today; the reduced-dimension/blockwise ones need `trainable_parameters`.
@@ -24,14 +25,6 @@ TINY = ["--max_steps", "2", "--max_train_samples", "20", "--max_eval_samples", "
         "--block_size", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_zo", RECIPES / "pretrain_zo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain_zo = _load_script()
 
 
 @pytest.fixture(scope="module", autouse=True)

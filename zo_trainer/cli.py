@@ -1,5 +1,6 @@
-"""`zo-trainer`: figures from runs, the paper's toy figures, and the gradient-variance probe.
+"""`zo-trainer`: training from a recipe, figures from runs, the paper's toy figures, the gradient-variance probe.
 
+    zo-trainer train [--config recipes/paper/table2_zo_q20.yaml] [--FIELD VALUE ...]   # as recipes/pretrain_zo.py
     zo-trainer plot losses RUN_DIR [RUN_DIR ...] --out losses.png [--x step|wall_time|forward_passes]
     zo-trainer plot density output_dir/gradient_probe/step-100.npz --out density.png
     zo-trainer toy figure2|figure3 --out toy.png
@@ -22,6 +23,19 @@ PROG = "zo-trainer"
 
 class CommandError(Exception):
     """A user error to report as ``zo-trainer: error: ...`` with exit status 2."""
+
+
+# -------------------------------------------------------------------------------------------- train
+def _add_train(subparsers) -> None:
+    subparsers.add_parser("train", add_help=False, help="pretrain from a yaml recipe, as recipes/pretrain_zo.py "
+                          "(zo-trainer train --help lists its flags)")
+
+
+def _train(argv: list[str]) -> int:
+    from .run import cli
+
+    cli(argv, prog=f"{PROG} train")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- plot
@@ -231,7 +245,7 @@ def format_probe_table(rows) -> str:
 
 
 # --------------------------------------------------------------------------------------- the parser
-SUBCOMMANDS = [_add_plot, _add_toy, _add_probe]
+SUBCOMMANDS = [_add_train, _add_plot, _add_toy, _add_probe]
 """Parser builders, one per subcommand; append one (e.g. ``_add_reproduce``) to add a subcommand."""
 
 
@@ -243,8 +257,8 @@ def _out(path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Zeroth-order pretraining of language models: figures, "
-                                     "toy examples and gradient diagnostics.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Zeroth-order pretraining of language models: training, "
+                                     "figures, toy examples and gradient diagnostics.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -252,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # every later flag belongs to the recipe runner's own parser
+        return _train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 and a usage message on bad arguments
     try:
