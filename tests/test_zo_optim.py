@@ -42,6 +42,9 @@ def naive_coefficients(model, params, sampler, step, rule, moments):
         minus = loss({n: p - EPS * z[n] for n, p in params.items()})
         slope, curvature = (plus - minus) / (2 * EPS), (plus + minus - 2 * base) / EPS**2
         coefficients.append(slope if rule != "newton" else (max(-1e-2, min(1e-2, slope / curvature)) if curvature > 0 else 0.0))
+    if rule == "spread":
+        rms = math.sqrt(sum(c * c for c in coefficients) / QUERIES)
+        coefficients = [c / rms for c in coefficients]
     if rule == "normalized":
         moments.append(sum(c * c for c in coefficients) / QUERIES)
         mean_square = sum(0.99 ** (len(moments) - 1 - i) * 0.01 * m for i, m in enumerate(moments))
@@ -148,7 +151,7 @@ def test_momentum_rebuilt_from_seeds_is_the_truncated_momentum(history):
     assert not optimizer.state  # no parameter-sized buffer
 
 
-@pytest.mark.parametrize("rule, lr", [("newton", 0.5), ("normalized", 1e-3)])
+@pytest.mark.parametrize("rule, lr", [("newton", 0.5), ("normalized", 1e-3), ("spread", 1e-3)])
 def test_step_rules_match_their_naive_formulas(rule, lr):
     def update(params, history):
         for n in params:
@@ -234,6 +237,7 @@ OPTIMIZER_SETTINGS = {
     "signum": dict(zo_optimizer="sign", zo_momentum=0.5, learning_rate=1e-4),
     "newton": dict(zo_step_rule="newton", learning_rate=0.5),
     "normalized": dict(zo_step_rule="normalized", learning_rate=1e-3),
+    "spread": dict(zo_step_rule="spread", learning_rate=1e-3),
 }
 
 
@@ -266,6 +270,7 @@ def test_every_zo_optimizer_resumes_bitwise_through_the_trainer(tmp_path, name):
         (dict(zo_momentum_history=4), "zo_momentum_history=4"),
         (dict(zo_optimizer="adam", zo_momentum=0.9), "adam_beta1"),
         (dict(zo_step_rule="newton", zo_estimator="forward"), "zo_estimator='central'"),
+        (dict(zo_step_rule="spread"), "zo_step_rule='spread' needs zo_num_queries >= 2"),
         (dict(zo_write_grad=True, zo_optimizer="adam"), "zo_write_grad=True"),
         (dict(zo_state_dtype="int8"), "zo_state_dtype='int8'"),
         (dict(learning_rate=math.inf), "learning_rate=inf"),

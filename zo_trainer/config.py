@@ -94,8 +94,9 @@ class ZOConfig(TrainingArguments):
         metadata={
             "help": "How the probes weigh each direction: 'gradient' (SPSA), 'newton' (the paper's Theorem 1 along "
             "each direction: the exact line-search step of the quadratic fitted to L0, L+ and L−, one more forward "
-            "per step; learning_rate is then the fraction of that step), or 'normalized' (projected gradients divided "
-            "by their running RMS, so the step does not depend on the scale of the loss).",
+            "per step; learning_rate is then the fraction of that step), 'normalized' (projected gradients divided "
+            "by their running RMS, so the step does not depend on the scale of the loss) or 'spread' (divided by the "
+            "RMS of the step's own zo_num_queries >= 2 projected gradients, in the manner of FZOO).",
             "choices": list(STEP_RULES),
         },
     )
@@ -228,6 +229,9 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_correlation={self.zo_correlation!r} must lie in the open interval (-1, 1)")
         if self.zo_correlation and self.zo_num_queries < 2:
             raise ValueError(f"zo_correlation={self.zo_correlation} needs zo_num_queries >= 2 (got {self.zo_num_queries})")
+        if self.zo_step_rule == "spread" and self.zo_num_queries < 2:
+            raise ValueError(f"zo_step_rule='spread' needs zo_num_queries >= 2 (got {self.zo_num_queries}): it divides "
+                             "by the spread of a step's projected gradients, and one query would give its sign")
         if self.gradient_probe_steps < 0 or self.gradient_probe_draws < 1:
             raise ValueError(
                 f"gradient_probe_steps={self.gradient_probe_steps} must be >= 0 (0 = off) and "

@@ -7,7 +7,8 @@ checkpointing drive them unchanged. Each step has two parts:
   ``gradient`` (SPSA: c_k = projected gradient), ``newton`` (the paper's Theorem 1 along each direction:
   c_k = (zᵀg)/(zᵀHz), the exact line-search step on a quadratic, from one more forward per step) or
   ``normalized`` (c_k = projected gradient / its running RMS: the step no longer depends on the scale
-  of the loss, as in FZOO and Adam-style ZO);
+  of the loss, as in Adam-style ZO) or ``spread`` (c_k = projected gradient / the RMS of this step's q
+  projected gradients, in the manner of FZOO's division by the spread of a step's probe losses; q ≥ 2);
 - an **update** applies g: `ZOSGD` (in place, optionally with momentum, from a buffer or rebuilt from the
   last K steps' seeds at no memory), `ZOAdam` (two buffers) or `ZOSign` (the sign of g, or of its momentum).
 
@@ -24,7 +25,7 @@ import torch
 
 from .spsa import Probe, ZOEstimator
 
-STEP_RULES = ("gradient", "newton", "normalized")
+STEP_RULES = ("gradient", "newton", "normalized", "spread")
 
 
 class PendingEstimate:
@@ -70,6 +71,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{key}={value!r} must be a finite number >= 0")
         if step_rule not in STEP_RULES:
             raise ValueError(f"step_rule={step_rule!r} is not supported; choose one of {list(STEP_RULES)}")
+        if step_rule == "spread" and estimator.num_queries < 2:
+            raise ValueError(f"step_rule='spread' divides by the spread of a step's projected gradients: it needs "
+                             f"num_queries >= 2, got {estimator.num_queries} (one query would give its sign)")
         if step_rule == "newton" and not estimator.curvature:
             raise ValueError("step_rule='newton' needs the curvature along each direction: ZOEstimator(curvature=True)")
         if not newton_max_step > 0 or not 0.0 <= normalize_beta < 1.0:
@@ -107,6 +111,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             state["updates"] += 1
             state["mean_square"] = beta * state["mean_square"] + (1 - beta) * projected.square().mean().item()
             rms = math.sqrt(state["mean_square"] / (1 - beta ** state["updates"]))
+            self.last_step = {"zo_projected_grad_rms": rms}
+            return self.estimator.coefficients(projected / rms if rms > 0 else projected * 0.0)
+        if self.step_rule == "spread":
+            rms = projected.square().mean().sqrt().item()
             self.last_step = {"zo_projected_grad_rms": rms}
             return self.estimator.coefficients(projected / rms if rms > 0 else projected * 0.0)
         return self.estimator.coefficients(projected)
