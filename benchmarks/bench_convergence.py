@@ -7,10 +7,13 @@
     python benchmarks/bench_convergence.py --threads 1 --methods zo-adam zo-newton; wait
     python benchmarks/bench_convergence.py --report-only
 
+fo-galore and fo-apollo need `pip install galore-torch apollo-torch` (transformers' `optim="galore_adamw"` and
+`"apollo_adamw"`).
+
 Protocol (written into the report too): every method gets the same budget in forward-pass equivalents (a ZO step
 costs its 2q forwards, +1 for the Newton rule; a first-order step counts 3: one forward and a backward of about
-two), the same three-point learning-rate grid around its family's usual value, the learning rate with the lowest
-final held-out loss on seed 0 is kept, then that setting runs on every seed. Held-out loss is measured at
+two), the same three-point learning-rate grid around its family's usual value (extended while its best point is at
+an edge), the learning rate with the lowest final held-out loss on seed 0 is kept, then that setting runs on every seed. Held-out loss is measured at
 ``--evals`` points of the budget. Memory above the weights is what the method keeps between steps (gradients and
 optimizer state, counted on the live tensors); activations are the same for all methods but FO's backward.
 Output: ``<out>/runs.jsonl`` (one line per run, appended, so a rerun skips what is done) and ``<out>/report.md``
@@ -42,11 +45,20 @@ from zo_trainer.tokenizer import build_tokenizer
 from zo_trainer.trainer import ZOTrainer
 
 FO_STEP_FORWARDS = 3
+LOW_RANK_MODULES = [r".*\.(self_attn|mlp)\..*"]  # GaLore / APOLLO project these matrices' gradients
+GRID_EXTENSIONS = 2  # points added beyond a grid edge that holds the best learning rate
 # name -> (ZOConfig settings, learning-rate grid). The grids are three points, a factor ~3 apart, around the
 # family's usual value; the same rule for every method.
 METHODS: dict[str, tuple[dict, list[float]]] = {
     "fo-sgd": (dict(training_order="fo", optim="sgd"), [3e-2, 1e-1, 3e-1]),
     "fo-adamw": (dict(training_order="fo", optim="adamw_torch"), [1e-3, 3e-3, 1e-2]),
+    # the memory-efficient first-order baselines (pip install galore-torch apollo-torch): rank 1/4 of the hidden
+    # size on the attention and MLP matrices, as the GaLore paper's smallest model; AdamW on the rest
+    "fo-galore": (dict(training_order="fo", optim="galore_adamw", optim_target_modules=LOW_RANK_MODULES,
+                       optim_args="rank=32,update_proj_gap=200,scale=0.25"), [1e-3, 3e-3, 1e-2]),
+    "fo-apollo": (dict(training_order="fo", optim="apollo_adamw", optim_target_modules=LOW_RANK_MODULES,
+                       optim_args="rank=32,update_proj_gap=200,scale=1.0,proj=random,scale_type=channel"),
+                  [1e-3, 3e-3, 1e-2]),
     "zo-sgd": (dict(), [1e-3, 3e-3, 1e-2]),
     "zo-sgd-q4": (dict(zo_num_queries=4), [3e-3, 1e-2, 3e-2]),
     "zo-momentum": (dict(zo_momentum=0.9), [1e-4, 3e-4, 1e-3]),
@@ -55,6 +67,7 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "zo-sign": (dict(zo_optimizer="sign"), [1e-5, 3e-5, 1e-4]),
     "zo-newton": (dict(zo_step_rule="newton"), [0.3, 1.0, 3.0]),
     "zo-normalized": (dict(zo_step_rule="normalized"), [1e-4, 3e-4, 1e-3]),
+    "zo-spread-q4": (dict(zo_num_queries=4, zo_step_rule="spread"), [1e-4, 3e-4, 1e-3]),
     "zo-lowrank": (dict(zo_distribution="lowrank"), [1e-3, 3e-3, 1e-2]),
 }
 
@@ -89,7 +102,9 @@ def kept_bytes(trainer: ZOTrainer) -> int:
         total += sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     for state in optimizer.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim())
+        for value in state.values():  # tensors, and the tensors of objects kept there (GaLore's projectors)
+            for v in [value] if torch.is_tensor(value) else vars(value).values() if hasattr(value, "__dict__") else []:
+                total += v.numel() * v.element_size() if torch.is_tensor(v) and v.dim() else 0
     return total
 
 
@@ -169,9 +184,24 @@ def main(argv=None) -> None:
     for name in args.methods:
         sweep = {lr: result(name, lr, args.seeds[0]) for lr in METHODS[name][1]}
         best = min(sweep, key=lambda lr: _score(sweep[lr]))
+        for _ in range(GRID_EXTENSIONS):  # the best at an edge of the grid: one more point beyond it, same rule
+            if best not in (min(sweep), max(sweep)) or math.isinf(_score(sweep[best])):
+                break
+            lr = _next_on_ladder(best, up=best == max(sweep))
+            sweep[lr] = result(name, lr, args.seeds[0])
+            best = min(sweep, key=lambda lr: _score(sweep[lr]))
         for seed in args.seeds[1:]:
             result(name, best, seed)
     write_report([row for row in done if row["budget"] == args.budget], args)
+
+
+def _next_on_ladder(lr: float, up: bool) -> float:
+    """The neighbour of lr on the 1-3-10 ladder the grids use: 1e-3 -> 3e-3 (up) or 3e-4 (down)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10**exponent)
+    if up:
+        return float(f"{3 if mantissa == 1 else 1}e{exponent if mantissa == 1 else exponent + 1}")
+    return float(f"{1 if mantissa == 3 else 3}e{exponent if mantissa == 3 else exponent - 1}")
 
 
 def _failed(row: dict) -> str | None:
@@ -207,8 +237,8 @@ def write_report(rows: list[dict], args) -> None:
         sweep = ", ".join(f"{r['lr']:g}: {_failed(r) or format(r['final_loss'], '.3f')}"
                           for r in sorted((r for r in rows if r["method"] == name and r["seed"] == args.seeds[0]),
                                           key=lambda r: r["lr"]))
-        grid = METHODS[name][1]
-        edge = " (grid edge)" if lr in (grid[0], grid[-1]) else ""
+        tried = [r["lr"] for r in rows if r["method"] == name and r["seed"] == args.seeds[0]]
+        edge = " (grid edge)" if lr in (min(tried), max(tried)) else ""
         table.append((name, f"{lr:g}{edge}", len(runs), statistics.mean(finals) if finals else math.nan,
                       statistics.mean(drops) if drops else math.nan, spread, seconds, runs[0]["kept_bytes"],
                       runs[0]["weight_bytes"], sweep))
@@ -223,7 +253,8 @@ def write_report(rows: list[dict], args) -> None:
         f"learning rate, {args.budget} forward-pass equivalents per run (a first-order step counts "
         f"{FO_STEP_FORWARDS}), held-out loss on 128 blocks.",
         "",
-        "Learning rate: three grid points per method (listed), the lowest final held-out loss of seed "
+        "Learning rate: three grid points per method, extended by up to "
+        f"{GRID_EXTENSIONS} more on the 1-3-10 ladder while the best lies at an edge (all listed), the lowest final held-out loss of seed "
         f"{args.seeds[0]} among the runs that neither diverged nor froze (a model pinned at the uniform prediction "
         "ln V, every estimate exactly 0) is kept, then every seed runs it. Drop = untrained minus final held-out loss (nat), mean "
         "and standard deviation over the seeds. Kept memory = gradients and optimizer state between steps, above "

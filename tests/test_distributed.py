@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_train.py"
 TWO_PROCESSES = ["--config_file", str(ROOT / "accelerate_configs" / "multi_cpu_2proc.yaml")]
 ONE_PROCESS = ["--num_processes", "1", "--cpu"]
+# two "machines" of one process each, both on this host: accelerate's multi-node launch, one command per machine
+TWO_MACHINES = ["--config_file", str(ROOT / "accelerate_configs" / "multi_node.yaml"), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", "29541"]
 ROUNDING = 1e-4  # see tests/test_zo_trainer.py: equal runs in a different float order agree to ~1e-5
 
 NEWTON = ["zo_step_rule=\"newton\"", "learning_rate=0.5", "zo_momentum=0.9", "zo_momentum_history=2"]
@@ -30,6 +33,17 @@ def launch(processes, out, *flags):
     return [torch.load(path) for path in sorted(Path(out).glob("rank*.pt"))]
 
 
+def launch_machines(out, *flags):
+    """The command of each machine rank, started together as on two hosts."""
+    machines = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *TWO_MACHINES, "--machine_rank",
+                                  str(rank), str(SCRIPT), "--out", str(out), *flags],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for rank in (0, 1)]
+    for machine in machines:
+        _, stderr = machine.communicate(timeout=300)
+        assert machine.returncode == 0, stderr[-3000:]
+    return [torch.load(path) for path in sorted(Path(out).glob("rank*.pt"))]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -43,6 +57,7 @@ def runs(tmp_path_factory):
         # a ZO optimizer with state (momentum rebuilt from seeds) and a step rule that reduces curvatures too
         "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
         "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
+        "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
     }
 
 
@@ -50,14 +65,14 @@ def max_difference(a, b):
     return max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
 
 
-@pytest.mark.parametrize("mode", ["data", "query", "fp16", "newton-data"])
+@pytest.mark.parametrize("mode", ["data", "query", "fp16", "newton-data", "machines"])
 def test_replicas_stay_bitwise_identical(runs, mode):
     rank0, rank1 = runs[mode]
     assert rank0["world"] == rank1["world"] == 2
     assert all(torch.equal(rank0["params"][n], rank1["params"][n]) for n in rank0["params"])
 
 
-@pytest.mark.parametrize("mode", ["data", "query"])
+@pytest.mark.parametrize("mode", ["data", "query", "machines"])
 def test_two_processes_equal_one_process_on_the_global_batch(runs, mode):
     (one,) = runs["one"]
     assert one["world"] == 1
