@@ -258,7 +258,9 @@ def write_report(rows: list[dict], args) -> None:
         f"{args.seeds[0]} among the runs that neither diverged nor froze (a model pinned at the uniform prediction "
         "ln V, every estimate exactly 0) is kept, then every seed runs it. Drop = untrained minus final held-out loss (nat), mean "
         "and standard deviation over the seeds. Kept memory = gradients and optimizer state between steps, above "
-        "the weights. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it.",
+        "the weights. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it. Wall "
+        "times are as run (here two runs at a time, one torch thread each, on a shared 2-core machine): compare them "
+        "within this report only.",
         "",
         "| method | lr | seeds | final loss | drop (nat) | ± | median s | kept memory / weights | sweep (seed "
         f"{args.seeds[0]}: lr: final) |",
@@ -307,7 +309,7 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> None:
         by_forwards.plot([p["forwards"] for p in curve], [p["eval_loss"] for p in curve], style, label=name)
         by_time.plot([p["seconds"] for p in curve], [p["eval_loss"] for p in curve], style, label=name)
     by_forwards.set(xlabel="forward-pass equivalents", ylabel="held-out loss (nat)")
-    by_time.set(xlabel="wall time (s, 2 CPU cores)")
+    by_time.set(xlabel="wall time (s, as run: compare within this figure only)")
     by_forwards.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
