@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .zo.spsa import RngState
+
 try:  # the pure layer works without transformers; the callback needs it
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover
@@ -237,13 +239,7 @@ def compare_to_backprop(
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True: there is nothing to compare")
     device = params[0].device
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore_rng():
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state(cuda_rng, device)
+    rng = RngState(device)
 
     saved_grads = [p.grad for p in params]
     try:
@@ -260,14 +256,14 @@ def compare_to_backprop(
             p.grad = None
         stats = GradientStats(fo, sample_indices(fo.numel(), sample_entries, sample_seed, fo.device))
         for k in range(num_draws):
-            restore_rng()
+            rng.restore()
             probe = estimator.probe(loss_fn, step_offset + k)
             stats.update(_materialise(estimator, step_offset + k, estimator.coefficients(probe.projected_grads), params))
         return stats.report()
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
-        restore_rng()
+        rng.restore()
 
 
 @torch.no_grad()
@@ -389,8 +385,7 @@ class GradientProbeCallback(TrainerCallback):
         batch = self.probe_batch()
         modes = {m: m.training for m in model.modules()}
         device = next(model.parameters()).device
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        rng = RngState(device)
 
         def loss_fn() -> torch.Tensor:
             with trainer.compute_loss_context_manager():
@@ -409,9 +404,7 @@ class GradientProbeCallback(TrainerCallback):
         finally:
             for m, mode in modes.items():
                 m.training = mode
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, device)
+            rng.restore()
         if self.save_histograms:
             folder = os.path.join(trainer.args.output_dir, "gradient_probe")
             os.makedirs(folder, exist_ok=True)

@@ -153,7 +153,7 @@ class ZOEstimator:
         trainable = self.trainable()
         if not trainable:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
-        rng = _RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
+        rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
         losses = []
         with_base = self.estimator == "forward" or self.curvature
         if with_base:
@@ -185,7 +185,7 @@ class ZOEstimator:
         """Context in which every forward sees ``p + sign·ε·z_query`` for each trainable ``p``."""
         return _Perturbation(self, trainable, step, query, sign * self.eps)
 
-    def _perturbed_loss(self, loss_fn, rng: _RngState, trainable, step: int, query: int, sign: float) -> torch.Tensor:
+    def _perturbed_loss(self, loss_fn, rng: RngState, trainable, step: int, query: int, sign: float) -> torch.Tensor:
         """``loss_fn()`` at ``p + sign·ε·z_query``. The hooks perturb a parameter only inside its module's forward,
         so the first probe forward for a set of trainable parameters watches for parameters read outside it
         (DeBERTa's relative position table, read by the encoder; a weight read by a custom loss): those found are
@@ -664,8 +664,9 @@ class _StoredReads(TorchFunctionMode):
         return out
 
 
-class _RngState:
-    """Snapshot of the global RNG (dropout) of ``device``, restored before each probe forward."""
+class RngState:
+    """Snapshot of the global RNG (dropout) of ``device``: restored before each probe forward, so every probe sees
+    the same dropout masks, and after the gradient probe, so a run's trajectory does not depend on it."""
 
     def __init__(self, device: torch.device):
         self.device = device
