@@ -16,10 +16,12 @@ _EXPORTS = {  # name -> the module that defines it
     "ZOAdam": ".zo",
     "ZOConfig": ".config",
     "ZOEstimator": ".zo",
+    "ZOSeq2SeqTrainer": ".trainer",
     "ZOSGD": ".zo",
     "ZOSign": ".zo",
     "ZOTrainer": ".trainer",
     "find_learning_rate": ".lr_find",
+    "zo_config_class": ".config",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

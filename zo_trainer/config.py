@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import math
+import os
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +20,8 @@ TRAINING_ORDERS = ("zo", "fo")
 ZO_PARALLEL_MODES = ("data", "query")
 ZO_OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign}
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -248,6 +255,12 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"block_schedule={self.block_schedule!r} must be a non-empty list of blocks")
         if self.block_schedule and self.trainable_parameters:
             raise ValueError("set trainable_parameters or block_schedule, not both: each block names its parameters")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not torch.accelerator.is_available():
+            # torchrun-style launches (`accelerate launch --multi_gpu`) on a machine without GPUs: TrainingArguments
+            # forms a process group only with use_cpu (or ACCELERATE_USE_CPU); else each process trains alone
+            logger.info("WORLD_SIZE=%s on a machine without GPUs: use_cpu=True, so the processes form one gloo "
+                        "process group", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()
         if self.zo_seed is None:
             self.zo_seed = self.seed
@@ -278,6 +291,46 @@ class ZOConfig(TrainingArguments):
         else:
             kwargs.update(betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_epsilon, state_dtype=state_dtype)
         return ZO_OPTIMIZERS[self.zo_optimizer], kwargs
+
+
+@functools.cache
+def zo_config_class(args_class: type[TrainingArguments]) -> type[ZOConfig]:
+    """The config of ``class ZO<Name>Trainer(ZOTrainer, <Name>Trainer)``: `ZOConfig`'s fields plus every field of
+    ``args_class`` (a `TrainingArguments` subclass such as TRL's `SFTConfig`), each with that class's default and
+    meaning, so `HfArgumentParser` and YAML files see both sets. ``zo_config_class(SFTConfig)`` is a dataclass
+    ``ZOSFTConfig(ZOConfig, SFTConfig)``, the same class at every call."""
+    if not (isinstance(args_class, type) and issubclass(args_class, TrainingArguments)):
+        raise TypeError(f"zo_config_class({args_class!r}): expected a subclass of transformers.TrainingArguments")
+    if issubclass(args_class, ZOConfig):
+        return args_class
+    if args_class is TrainingArguments:
+        return ZOConfig
+    # ZOConfig inherits TrainingArguments' defaults: declare the other class's fields again so that its own win
+    own = set(ZOConfig.__annotations__)
+    hints = typing.get_type_hints(args_class)
+    fields = [(f.name, hints[f.name], _copy_field(f)) for f in dataclasses.fields(args_class) if f.name not in own]
+    name = "ZO" + args_class.__name__.removesuffix("TrainingArguments").removesuffix("Arguments")
+    name += "" if name.endswith("Config") else "Config"
+    return dataclasses.make_dataclass(
+        name, fields, bases=(ZOConfig, args_class),
+        namespace={
+            "__module__": __name__,
+            "__doc__": f"`ZOConfig` and `{args_class.__qualname__}` in one: see `zo_config_class`.",
+            # pickled by the class it merges (Trainer saves training_args.bin): no module holds this class by name
+            "__reduce__": lambda self: (_unpickle_merged, (args_class, self.__dict__)),
+        },
+    )
+
+
+def _unpickle_merged(args_class: type[TrainingArguments], state: dict) -> ZOConfig:
+    args = object.__new__(zo_config_class(args_class))
+    args.__dict__.update(state)
+    return args
+
+
+def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
+    return field(default=f.default, default_factory=f.default_factory, init=f.init, repr=f.repr, hash=f.hash,
+                 compare=f.compare, metadata=f.metadata, kw_only=f.kw_only)
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

@@ -9,6 +9,7 @@ parent's backprop step, so baselines share every line of code but the step itsel
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -18,11 +19,11 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from .checkpointing import CheckpointSafety
 from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
-from .config import ZOConfig
+from .config import ZOConfig, zo_config_class
 from .diagnostics import GradientProbeCallback
 from .zo import PendingEstimate, Probe, ZOEstimator, ZOOptimizer
 
@@ -32,15 +33,29 @@ logger = logging.getLogger(__name__)
 class ZOTrainer(CheckpointSafety, Trainer):
     """Drop-in replacement for `Trainer`: same constructor, same methods, ZO training by default.
 
-    A plain `TrainingArguments` is accepted and read as a `ZOConfig` with the default ZO settings.
+    Composes with any Trainer subclass: ``class ZOSFTTrainer(ZOTrainer, SFTTrainer)``. Arguments of any
+    `TrainingArguments` subclass are upgraded to their `zo_config_class` with the default ZO settings, every value
+    kept; a `ZOConfig` given to such a subclass is upgraded to ``zo_config_class(args_class)``.
     """
 
+    args_class: type[TrainingArguments] = TrainingArguments  # what the Trainer base expects: SFTConfig for SFTTrainer
+    # What a Trainer subclass's compute_loss records in these attributes (TRL: tokens seen, token accuracy,
+    # entropy) is kept from the first of the probe forwards of each batch only: see `_RecordOnce`
+    recorded_once_per_batch: tuple[str, ...] = ("_metrics", "_total_train_tokens")
+
     def __init__(self, model=None, args: TrainingArguments | None = None, *positional, **kwargs):
-        if args is None:
-            args = ZOConfig(output_dir="trainer_output")
-        elif not isinstance(args, ZOConfig):
-            args = ZOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
-        super().__init__(model, args, *positional, **kwargs)
+        super().__init__(model, self._zo_args(args), *positional, **kwargs)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and self.accelerator.num_processes == 1:
+            raise RuntimeError(
+                f"WORLD_SIZE={world} processes were launched but this one is not in a process group: each would train "
+                "alone into the same output_dir. On a machine without GPUs launch with `accelerate launch --use_cpu` "
+                "(or ACCELERATE_USE_CPU=true), or create the arguments with use_cpu=True"
+            )
+        if self.args.fp16 and self.accelerator.device.type == "cpu":
+            logger.warning(
+                "fp16=True does nothing on CPU (accelerate autocasts to float16 on GPUs only): this run computes in "
+                "%s. bf16=True autocasts to bfloat16 on CPU.", str(next(self.model.parameters()).dtype).removeprefix("torch."))
         if self.args.zo_parallel == "query" and self.accelerator.num_processes > self.args.zo_num_queries:
             raise ValueError(
                 f"zo_parallel='query' splits the zo_num_queries={self.args.zo_num_queries} directions over "
@@ -97,6 +112,21 @@ class ZOTrainer(CheckpointSafety, Trainer):
         self._window = _LogWindow()
         self._counters: dict[str, float] | None = None  # forward_passes / wall_time, carried across resumes
 
+    def _zo_args(self, args: TrainingArguments | None) -> ZOConfig:
+        """``args`` as an instance of the ZO config of its class (or of `args_class`), every value kept."""
+        if args is None:
+            return zo_config_class(self.args_class)(output_dir="trainer_output")
+        cls = zo_config_class(type(args) if isinstance(args, self.args_class) else self.args_class)
+        unknown = [f.name for f in dataclasses.fields(args) if f.init and f.name not in cls.__dataclass_fields__]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.args_class.__name__} (or a ZOConfig or TrainingArguments); the "
+                f"{type(args).__name__} given has fields it does not know: {', '.join(unknown)}"
+            )
+        if type(args) is cls:
+            return args
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+
     @property
     def zo_active(self) -> bool:
         return self.training_order == "zo"
@@ -143,8 +173,11 @@ class ZOTrainer(CheckpointSafety, Trainer):
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             queries = range(rank, self.zo_estimator.num_queries, world)
 
+        record_once = _RecordOnce(self, self.recorded_once_per_batch)
+
         def loss_fn() -> torch.Tensor:
-            with self.compute_loss_context_manager():  # a copy: compute_loss pops "labels" for compute_loss_func
+            # a copy of the inputs: compute_loss pops "labels" for compute_loss_func
+            with record_once, self.compute_loss_context_manager():
                 loss = self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             return loss / loss_divisor
 
@@ -317,6 +350,32 @@ class ZOTrainer(CheckpointSafety, Trainer):
             logs["trainable_parameters"] = sum(p.numel() for _, p in self.zo_estimator.trainable())
             logs.update(self._window.flush())
         super().log(logs, start_time)
+
+
+class ZOSeq2SeqTrainer(ZOTrainer, Seq2SeqTrainer):
+    """ZO training in transformers' `Seq2SeqTrainer` (encoder-decoders; `predict_with_generate` evaluation);
+    takes `Seq2SeqTrainingArguments` or its ZO config, ``zo_config_class(Seq2SeqTrainingArguments)``."""
+
+    args_class = Seq2SeqTrainingArguments
+
+
+class _RecordOnce:
+    """A batch's probes run compute_loss 2q (or q+1) times; what it records in ``names`` counts as one forward's
+    worth, as in a backprop step: kept from the first forward (the unperturbed model where the probes include an
+    L0 forward, zo_estimator='forward' or zo_step_rule='newton'; else θ + ε·z_1), put back after each later one."""
+
+    def __init__(self, owner, names: tuple[str, ...]):
+        self.owner, self.names, self.kept = owner, [n for n in names if hasattr(owner, n)], None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.kept is None:
+            self.kept = {name: copy.deepcopy(getattr(self.owner, name)) for name in self.names}
+        else:
+            for name, value in self.kept.items():
+                setattr(self.owner, name, copy.deepcopy(value))
 
 
 def _gather_together(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

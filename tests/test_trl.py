@@ -1,0 +1,84 @@
+"""ZO inside TRL's real SFTTrainer (zo_trainer.trl), against a plain backprop SFTTrainer on the same batches."""
+
+import pytest
+import yaml
+from datasets import Dataset
+from transformers import HfArgumentParser
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from zo_trainer.trl import ZOSFTConfig, ZOSFTTrainer
+from zo_trainer.tokenizer import train_bpe_tokenizer
+
+from conftest import assert_same, params, tiny_llama
+
+TEXTS = [f"the cat number {i} sat on the mat and ate {i % 7} fish" for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(TEXTS, vocab_size=300, model_max_length=64)
+
+
+def sft_args(tmp_path, cls=SFTConfig, **overrides):
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                    logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+                    bf16=False, max_length=32)
+    return cls(**{**settings, **overrides})
+
+
+def sft(trainer_cls, args, tokenizer, seed=0):
+    trainer = trainer_cls(model=tiny_llama(vocab_size=len(tokenizer), hidden=32, seed=seed), args=args,
+                          train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def train_logs(trainer, key):
+    return [e[key] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_an_sft_config_is_upgraded_with_every_value_kept(tmp_path, tokenizer):
+    args = sft_args(tmp_path, max_length=24, completion_only_loss=False, learning_rate=3e-3)
+    trainer = ZOSFTTrainer(model=tiny_llama(vocab_size=len(tokenizer), hidden=32), args=args,
+                           train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer)
+    assert type(trainer.args) is ZOSFTConfig and trainer.args.zo_num_queries == 1
+    upgraded = trainer.args.to_dict()
+    assert {k: upgraded[k] for k in args.to_dict()} == args.to_dict()
+
+
+def test_zo_sft_counts_tokens_once_per_batch_as_backprop_does(tmp_path, tokenizer):
+    """q = 2 and 2 accumulated micro-batches: 8 probe forwards a step; num_tokens equals the FO run's. With the
+    forward estimator the first probe forward is the unperturbed model: at step 1 its accuracy and entropy are the
+    FO run's, whose first forward sees the same weights."""
+    batches = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    zo = sft(ZOSFTTrainer, sft_args(tmp_path / "zo", ZOSFTConfig, zo_num_queries=2, **batches), tokenizer)
+    fo = sft(SFTTrainer, sft_args(tmp_path / "fo", **batches), tokenizer)
+    assert train_logs(zo, "num_tokens") == train_logs(fo, "num_tokens")
+    assert train_logs(zo, "forward_passes") == [8, 16, 24, 32]
+    first = sft(ZOSFTTrainer, sft_args(tmp_path / "l0", ZOSFTConfig, zo_estimator="forward", **batches), tokenizer)
+    for key in ("mean_token_accuracy", "entropy"):
+        assert train_logs(first, key)[0] == pytest.approx(train_logs(fo, key)[0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_zo_sft_lowers_the_loss_and_resumes_exactly(tmp_path, tokenizer):
+    args = sft_args(tmp_path, ZOSFTConfig, max_steps=24, learning_rate=5e-3, logging_steps=8, zo_num_queries=2,
+                    save_strategy="steps", save_steps=12)
+    straight = sft(ZOSFTTrainer, args, tokenizer)
+    losses = train_logs(straight, "loss")
+    assert losses[-1] < losses[0] - 0.1, losses
+    resumed = ZOSFTTrainer(model=tiny_llama(vocab_size=len(tokenizer), hidden=32, seed=1), args=args,
+                           train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-12"))
+    assert_same(params(resumed.model), params(straight.model))
+
+
+def test_the_merged_config_parses_from_the_command_line_and_from_yaml(tmp_path):
+    flags = ["--output_dir", str(tmp_path), "--zo_num_queries", "3", "--max_length", "64", "--use_cpu", "--bf16", "false"]
+    (cli,) = HfArgumentParser(ZOSFTConfig).parse_args_into_dataclasses(flags)
+    assert (cli.zo_num_queries, cli.max_length, cli.learning_rate) == (3, 64, SFTConfig.learning_rate)
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "zo_eps": 1e-4, "packing": True, "use_cpu": True,
+                                    "bf16": False}))
+    (from_yaml,) = TrlParser(ZOSFTConfig).parse_args_and_config(["--config", str(path)])
+    assert (from_yaml.zo_eps, from_yaml.packing, from_yaml.logging_steps) == (1e-4, True, SFTConfig.logging_steps)
