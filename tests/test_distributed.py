@@ -50,7 +50,9 @@ def runs(tmp_path_factory):
     return {
         "one": launch(ONE_PROCESS, tmp / "one", "--batch", "8", "--queries", "4"),
         "data": launch(TWO_PROCESSES, tmp / "data", "--batch", "4", "--queries", "4", "--save_steps", "2"),
-        "query": launch(TWO_PROCESSES, tmp / "query", "--batch", "4", "--queries", "4", "--parallel", "query"),
+        # as a user's script: no use_cpu, and the launcher exports no ACCELERATE_USE_CPU; ZOConfig sets up the group
+        "query": launch(TWO_PROCESSES, tmp / "query", "--batch", "4", "--queries", "4", "--parallel", "query",
+                        "--no_use_cpu"),
         "fp16": launch(TWO_PROCESSES, tmp / "fp16", "--batch", "4", "--queries", "4", "--mixed_precision", "fp16"),
         "resumed": launch(ONE_PROCESS, tmp / "resumed", "--batch", "8", "--queries", "4",
                           "--resume", str(tmp / "data" / "checkpoint-2")),

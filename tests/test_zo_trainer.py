@@ -88,6 +88,15 @@ def test_a_plain_training_arguments_is_accepted(tmp_path):
     assert trainer.args.max_steps == 1
 
 
+def test_a_process_of_a_launch_outside_its_process_group_is_refused(tmp_path, monkeypatch):
+    """Arguments whose devices were set up alone (world 1) in a process that a launcher started as 1 of 2."""
+    args = config(tmp_path)
+    assert args.world_size == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 .* not in a process group.*--use_cpu"):
+        ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_zero_learning_rate_restores_weights_bitwise(tmp_path, dtype):
     model = tiny_llama(dtype=dtype)
