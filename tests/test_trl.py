@@ -1,11 +1,15 @@
 """ZO inside TRL's real SFTTrainer (zo_trainer.trl), against a plain backprop SFTTrainer on the same batches."""
 
+import dataclasses
+import pickle
+
 import pytest
 import yaml
 from datasets import Dataset
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from trl import SFTConfig, SFTTrainer, TrlParser
 
+from zo_trainer import ZOConfig, zo_config_class
 from zo_trainer.trl import ZOSFTConfig, ZOSFTTrainer
 from zo_trainer.tokenizer import train_bpe_tokenizer
 
@@ -82,3 +86,36 @@ def test_the_merged_config_parses_from_the_command_line_and_from_yaml(tmp_path):
                                     "bf16": False}))
     (from_yaml,) = TrlParser(ZOSFTConfig).parse_args_and_config(["--config", str(path)])
     assert (from_yaml.zo_eps, from_yaml.packing, from_yaml.logging_steps) == (1e-4, True, SFTConfig.logging_steps)
+
+
+def test_the_merged_config_keeps_every_sft_default_and_pickles():
+    sft_fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    merged = {f.name: f for f in dataclasses.fields(ZOSFTConfig)}
+    assert sft_fields.keys() <= merged.keys() and {"zo_eps", "training_order"} <= merged.keys()
+    for name, f in sft_fields.items():
+        assert (merged[name].default, merged[name].default_factory, merged[name].metadata) == (
+            f.default, f.default_factory, f.metadata), name
+    assert zo_config_class(SFTConfig) is ZOSFTConfig and zo_config_class(ZOSFTConfig) is ZOSFTConfig
+    args = ZOSFTConfig(output_dir="unused", use_cpu=True, bf16=False, zo_num_queries=3, max_length=7)
+    copy = pickle.loads(pickle.dumps(args))  # as Trainer writes training_args.bin
+    assert type(copy) is ZOSFTConfig and copy.to_dict() == args.to_dict()
+
+
+def test_a_zo_config_given_to_zo_sft_trainer_becomes_its_merged_config(tmp_path, tokenizer):
+    args = ZOConfig(output_dir=str(tmp_path), zo_num_queries=3, zo_eps=1e-4, max_steps=1, use_cpu=True,
+                    report_to="none")
+    trainer = ZOSFTTrainer(model=tiny_llama(vocab_size=len(tokenizer), hidden=32), args=args,
+                           train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer)
+    assert type(trainer.args) is ZOSFTConfig
+    assert (trainer.args.zo_num_queries, trainer.args.zo_eps, trainer.args.max_length) == (3, 1e-4, SFTConfig.max_length)
+
+
+def test_arguments_of_another_family_and_non_configs_are_refused(tmp_path, tokenizer):
+    with pytest.raises(TypeError, match=r"ZOSFTTrainer takes a SFTConfig .* Seq2SeqTrainingArguments given has fields "
+                                        r"it does not know: .*sortish_sampler"):
+        ZOSFTTrainer(model=tiny_llama(vocab_size=len(tokenizer), hidden=32), processing_class=tokenizer,
+                     args=Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+                     train_dataset=Dataset.from_dict({"text": TEXTS}))
+    with pytest.raises(TypeError, match=r"zo_config_class\(<class 'dict'>\): expected a subclass of "
+                                        r"transformers.TrainingArguments"):
+        zo_config_class(dict)
