@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from zo_trainer import ZOConfig, zo_config_class
+from zo_trainer import ZOConfig, find_learning_rate, zo_config_class
 from zo_trainer.trl import ZOSFTConfig, ZOSFTTrainer
 from zo_trainer.tokenizer import train_bpe_tokenizer
 
@@ -62,6 +62,22 @@ def test_zo_sft_counts_tokens_once_per_batch_as_backprop_does(tmp_path, tokenize
     first = sft(ZOSFTTrainer, sft_args(tmp_path / "l0", ZOSFTConfig, zo_estimator="forward", **batches), tokenizer)
     for key in ("mean_token_accuracy", "entropy"):
         assert train_logs(first, key)[0] == pytest.approx(train_logs(fo, key)[0], rel=1e-6)
+
+
+def test_gradient_probe_forwards_record_nothing(tmp_path, tokenizer):
+    """The gradient probe (a backprop and 2q forwards per draw on a fixed batch) is no training step."""
+    probed = sft(ZOSFTTrainer, sft_args(tmp_path / "zo", ZOSFTConfig, gradient_probe_steps=2, gradient_probe_draws=2),
+                 tokenizer)
+    assert any("probe/cosine" in k for e in probed.state.log_history for k in e)
+    fo = sft(SFTTrainer, sft_args(tmp_path / "fo"), tokenizer)
+    assert train_logs(probed, "num_tokens") == train_logs(fo, "num_tokens")
+
+
+def test_lr_find_forwards_record_nothing(tmp_path, tokenizer):
+    trainer = ZOSFTTrainer(model=tiny_llama(vocab_size=len(tokenizer), hidden=32), args=sft_args(tmp_path, ZOSFTConfig),
+                           train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer)
+    find_learning_rate(trainer, learning_rates=[1e-3, 1e-2], steps=2, num_batches=2)
+    assert trainer._total_train_tokens == 0 and not trainer._metrics["train"]
 
 
 @pytest.mark.slow

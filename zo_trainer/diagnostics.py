@@ -388,7 +388,7 @@ class GradientProbeCallback(TrainerCallback):
         rng = RngState(device)
 
         def loss_fn() -> torch.Tensor:
-            with trainer.compute_loss_context_manager():
+            with trainer.recording_nothing(), trainer.compute_loss_context_manager():
                 return trainer.compute_loss(model, dict(batch))
 
         try:
@@ -419,7 +419,9 @@ class GradientProbeCallback(TrainerCallback):
         # Trainer.log resets control.should_log: keep the loop's own decision to log the training loss
         control = getattr(trainer, "control", None)
         should_log = getattr(control, "should_log", None)
-        trainer.log(logs)
+        from transformers import Trainer
+
+        Trainer.log(trainer, logs)  # not a subclass's log: TRL's adds (and clears) the metrics of the training steps
         if control is not None and should_log is not None:
             control.should_log = should_log
             trainer.control.should_log = should_log

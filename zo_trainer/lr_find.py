@@ -39,7 +39,7 @@ def find_learning_rate(trainer, learning_rates=DEFAULT_GRID, steps: int = 50, nu
     cls, kwargs = trainer.args.zo_optimizer_cls_and_kwargs()
 
     def loss_of(batch) -> torch.Tensor:
-        with trainer.compute_loss_context_manager():
+        with trainer.recording_nothing(), trainer.compute_loss_context_manager():
             return trainer.compute_loss(model, dict(batch))
 
     @torch.no_grad()

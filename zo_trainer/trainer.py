@@ -127,6 +127,11 @@ class ZOTrainer(CheckpointSafety, Trainer):
             return args
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
+    def recording_nothing(self) -> _RecordOnce:
+        """Context for forwards that are no training step (gradient probe, lr-find): what compute_loss records in
+        `recorded_once_per_batch` is put back as it was after each."""
+        return _RecordOnce(self, self.recorded_once_per_batch, keep_first=False)
+
     @property
     def zo_active(self) -> bool:
         return self.training_order == "zo"
@@ -364,8 +369,10 @@ class _RecordOnce:
     worth, as in a backprop step: kept from the first forward (the unperturbed model where the probes include an
     L0 forward, zo_estimator='forward' or zo_step_rule='newton'; else θ + ε·z_1), put back after each later one."""
 
-    def __init__(self, owner, names: tuple[str, ...]):
+    def __init__(self, owner, names: tuple[str, ...], keep_first: bool = True):
         self.owner, self.names, self.kept = owner, [n for n in names if hasattr(owner, n)], None
+        if not keep_first:  # record nothing: every forward is undone
+            self.__exit__()
 
     def __enter__(self):
         return self
