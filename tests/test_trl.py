@@ -135,3 +135,33 @@ def test_arguments_of_another_family_and_non_configs_are_refused(tmp_path, token
     with pytest.raises(TypeError, match=r"zo_config_class\(<class 'dict'>\): expected a subclass of "
                                         r"transformers.TrainingArguments"):
         zo_config_class(dict)
+
+
+def reward_run(trainer_cls, args, tokenizer):
+    from transformers import LlamaForSequenceClassification
+
+    model = tiny_llama(vocab_size=len(tokenizer), hidden=32)  # the same initial weights as a causal LM's backbone
+    config = model.config
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    scorer = LlamaForSequenceClassification(config)
+    scorer.model.load_state_dict(model.model.state_dict())
+    pairs = Dataset.from_dict({"chosen": [t + " happily" for t in TEXTS], "rejected": [t + " sadly" for t in TEXTS]})
+    trainer = trainer_cls(model=scorer, args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def test_zo_reward_trainer_counts_once_and_its_metrics_are_of_the_unperturbed_model(tmp_path, tokenizer):
+    from trl import RewardConfig, RewardTrainer
+
+    from zo_trainer.trl import ZORewardConfig, ZORewardTrainer
+
+    settings = dict(max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no",
+                    disable_tqdm=True, use_cpu=True, seed=0, bf16=False, max_length=32)
+    zo = reward_run(ZORewardTrainer, ZORewardConfig(output_dir=str(tmp_path / "zo"), zo_num_queries=2,
+                                                    zo_estimator="forward", **settings), tokenizer)
+    fo = reward_run(RewardTrainer, RewardConfig(output_dir=str(tmp_path / "fo"), **settings), tokenizer)
+    assert train_logs(zo, "num_tokens") == train_logs(fo, "num_tokens")
+    assert train_logs(zo, "forward_passes") == [3, 6, 9]
+    for key in ("mean_reward", "accuracy", "margin"):
+        assert train_logs(zo, key)[0] == pytest.approx(train_logs(fo, key)[0], rel=1e-5, abs=1e-7), key
