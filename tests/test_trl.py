@@ -1,7 +1,10 @@
-"""ZO inside TRL's real SFTTrainer (zo_trainer.trl), against a plain backprop SFTTrainer on the same batches."""
+"""ZO inside TRL's real SFTTrainer and RewardTrainer (zo_trainer.trl), against the plain backprop trainers on the same
+batches."""
 
 import dataclasses
+import importlib
 import pickle
+import sys
 
 import pytest
 import yaml
@@ -165,3 +168,10 @@ def test_zo_reward_trainer_counts_once_and_its_metrics_are_of_the_unperturbed_mo
     assert train_logs(zo, "forward_passes") == [3, 6, 9]
     for key in ("mean_reward", "accuracy", "margin"):
         assert train_logs(zo, key)[0] == pytest.approx(train_logs(fo, key)[0], rel=1e-5, abs=1e-7), key
+
+
+def test_without_trl_the_import_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # what `import trl` finds where TRL is not installed
+    monkeypatch.delitem(sys.modules, "zo_trainer.trl")
+    with pytest.raises(ImportError, match=r"zo_trainer.trl needs TRL .*pip install 'zo-trainer\[trl\]'"):
+        importlib.import_module("zo_trainer.trl")
