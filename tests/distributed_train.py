@@ -32,8 +32,8 @@ cli = parser.parse_args()
 
 settings = dict(
     output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.batch, learning_rate=1e-2,
-    logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=not cli.no_use_cpu, seed=0, zo_num_queries=cli.queries,
-    zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
+    logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=not cli.no_use_cpu, seed=0,
+    zo_num_queries=cli.queries, zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,
     dataloader_drop_last=True, fp16=cli.mixed_precision == "fp16", bf16=cli.mixed_precision == "bf16",
     **({"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if cli.fsdp else {}),
 )

@@ -97,7 +97,8 @@ def test_zo_sft_lowers_the_loss_and_resumes_exactly(tmp_path, tokenizer):
 
 
 def test_the_merged_config_parses_from_the_command_line_and_from_yaml(tmp_path):
-    flags = ["--output_dir", str(tmp_path), "--zo_num_queries", "3", "--max_length", "64", "--use_cpu", "--bf16", "false"]
+    flags = ["--output_dir", str(tmp_path), "--zo_num_queries", "3", "--max_length", "64", "--use_cpu",
+             "--bf16", "false"]
     (cli,) = HfArgumentParser(ZOSFTConfig).parse_args_into_dataclasses(flags)
     assert (cli.zo_num_queries, cli.max_length, cli.learning_rate) == (3, 64, SFTConfig.learning_rate)
     path = tmp_path / "sft.yaml"
@@ -126,7 +127,8 @@ def test_a_zo_config_given_to_zo_sft_trainer_becomes_its_merged_config(tmp_path,
     trainer = ZOSFTTrainer(model=tiny_llama(vocab_size=len(tokenizer), hidden=32), args=args,
                            train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tokenizer)
     assert type(trainer.args) is ZOSFTConfig
-    assert (trainer.args.zo_num_queries, trainer.args.zo_eps, trainer.args.max_length) == (3, 1e-4, SFTConfig.max_length)
+    upgraded = trainer.args
+    assert (upgraded.zo_num_queries, upgraded.zo_eps, upgraded.max_length) == (3, 1e-4, SFTConfig.max_length)
 
 
 def test_arguments_of_another_family_and_non_configs_are_refused(tmp_path, tokenizer):

@@ -55,7 +55,8 @@ class ZOTrainer(CheckpointSafety, Trainer):
         if self.args.fp16 and self.accelerator.device.type == "cpu":
             logger.warning(
                 "fp16=True does nothing on CPU (accelerate autocasts to float16 on GPUs only): this run computes in "
-                "%s. bf16=True autocasts to bfloat16 on CPU.", str(next(self.model.parameters()).dtype).removeprefix("torch."))
+                "%s. bf16=True autocasts to bfloat16 on CPU.",
+                str(next(self.model.parameters()).dtype).removeprefix("torch."))
         if self.args.zo_parallel == "query" and self.accelerator.num_processes > self.args.zo_num_queries:
             raise ValueError(
                 f"zo_parallel='query' splits the zo_num_queries={self.args.zo_num_queries} directions over "
