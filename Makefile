@@ -1,9 +1,10 @@
-# `make run` pretrains the embedded default with ZO; `make test` runs the test suite. Both install first.
+# `make run` pretrains the embedded default with ZO; `make test-all` runs every test (what CI runs), `make test`
+# the fast lane. Each installs first.
 PYTHON ?= python
 # accelerate launch without a config runs a CPU process on one thread
 THREADS ?= $(shell nproc)
 
-.PHONY: install install-tested run test test-fast bench constraints
+.PHONY: install install-tested run test test-all bench constraints
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0
@@ -17,13 +18,14 @@ install-tested:
 run: install
 	accelerate launch --num_cpu_threads_per_process $(THREADS) recipes/pretrain_zo.py
 
-# what CI runs: every test
+# the fast lane for an edit-test loop (about 2-3 min on 2 cores): leaves out the end-to-end runs and statistical
+# checks marked slow
 test: install-tested
-	$(PYTHON) -m pytest -q
-
-# the lane for a quick edit-test loop: leaves out the end-to-end runs marked slow
-test-fast: install-tested
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# what CI runs (.ci/run): every test
+test-all: install-tested
+	$(PYTHON) -m pytest -q
 
 bench: install
 	$(PYTHON) benchmarks/bench_zo_step.py

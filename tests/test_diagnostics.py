@@ -94,6 +94,7 @@ def test_compare_to_backprop_fo_stats_are_the_analytic_gradient():
     assert report.fo_var == pytest.approx(grad.double().var(correction=0).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_estimate_variance_falls_as_one_over_q():
     model, loss_fn, grad = linear_problem()
     sq_norm = grad.double().square().sum().item()

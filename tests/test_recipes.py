@@ -254,6 +254,7 @@ def test_saved_run_reloads_and_generates(default_run):
     assert isinstance(tokenizer.decode(generated[0]), str)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",

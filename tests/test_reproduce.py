@@ -38,6 +38,7 @@ def table2_report(tmp_path_factory):
     return tmp, report, argv
 
 
+@pytest.mark.slow
 def test_table2_report_end_to_end(table2_report):
     tmp, report, argv = table2_report
     assert report == tmp / "docs" / "table2.md"
@@ -76,6 +77,7 @@ def test_table2_report_end_to_end(table2_report):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped(table2_report, capsys):
     tmp, report, argv = table2_report
     before = {p: p.stat().st_mtime for p in (tmp / "runs").rglob("all_results.json")}

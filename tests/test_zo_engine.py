@@ -54,6 +54,7 @@ def test_estimate_is_unbiased(distribution):
     assert torch.nn.functional.cosine_similarity(draws.mean(0), true, dim=0) > 0.98
 
 
+@pytest.mark.slow
 def test_variance_follows_n_over_q():
     """Gaussian SPSA on a quadratic: E‖ĝ − g‖² = (n + 1)‖g‖² / q with the mean reduction."""
     model = Quadratic(n=12)
