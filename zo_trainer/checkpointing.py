@@ -63,6 +63,7 @@ EXACT_RESUME_FIELDS = (
     "full_determinism", "dataloader_drop_last", "train_sampling_strategy", "ignore_data_skip",
     "neftune_noise_alpha", "training_order", "trainable_parameters", "block_schedule",
 )
+SPEED_ONLY_FIELDS = ("zo_reuse_prefix",)  # bitwise the same steps either way: free to change on resume
 BATCH_SPLIT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _WEIGHT_FILE = re.compile(r"\.(safetensors|bin)$|\.index\.json$")
@@ -376,7 +377,7 @@ class CheckpointSafety:
     def _resume_settings(self) -> dict:
         """The settings an exact resume needs unchanged, as JSON would give them back."""
         values = self.args.to_dict()
-        names = [*EXACT_RESUME_FIELDS, *sorted(k for k in values if k.startswith("zo_"))]
+        names = [*EXACT_RESUME_FIELDS, *sorted(k for k in values if k.startswith("zo_") and k not in SPEED_ONLY_FIELDS)]
         settings = {name: values[name] for name in names if name in values}
         args = self.args
         batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size

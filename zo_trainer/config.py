@@ -146,6 +146,14 @@ class ZOConfig(TrainingArguments):
             "choices": list(ZO_PARALLEL_MODES),
         },
     )
+    zo_reuse_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute once per batch, not at every probe, the modules that run before the first trainable "
+            "parameter is read (the layers below a trained block): bitwise the same losses, 2-4x faster steps when "
+            "a top block trains; keeps one boundary tensor per such module for the batch's probes."
+        },
+    )
     trainable_parameters: list[str] | None = field(
         default=None,
         metadata={
@@ -278,6 +286,7 @@ class ZOConfig(TrainingArguments):
             lowrank_rank=self.zo_lowrank_rank,
             lowrank_refresh_steps=self.zo_lowrank_refresh_steps,
             curvature=self.zo_step_rule == "newton",
+            reuse_prefix=self.zo_reuse_prefix,
         )
 
     def zo_optimizer_cls_and_kwargs(self) -> tuple[type, dict]:

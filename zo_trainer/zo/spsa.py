@@ -35,6 +35,7 @@ layers' products is the seeds and the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -49,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .directions import Addition, DirectionSampler
+from .prefix import PrefixReuse
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class ZOEstimator:
         lowrank_rank: int = 4,
         lowrank_refresh_steps: int = 100,
         curvature: bool = False,
+        reuse_prefix: bool = True,
     ):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps={eps!r} must be a finite number > 0")
@@ -123,6 +126,9 @@ class ZOEstimator:
         self.estimator = estimator
         self.reduction = reduction
         self.curvature = curvature  # one more forward per probe: the unperturbed loss L0
+        self.reuse_prefix = reuse_prefix  # what runs before the first trainable parameter runs once per batch
+        self._prefix_logged: dict[tuple, str] = {}  # trainable ids -> the last prefix-reuse summary logged
+        self._no_prefix: set[tuple] = set()  # trainable ids whose last batch had nothing to serve
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
@@ -154,13 +160,17 @@ class ZOEstimator:
         if not trainable:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
         rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
+        prefix = self._prefix_reuse(trainable)
         losses = []
         with_base = self.estimator == "forward" or self.curvature
         if with_base:
-            losses.append(_scalar(loss_fn()))
+            with prefix.forward({id(p) for _, p in trainable}) if prefix else contextlib.nullcontext():
+                losses.append(_scalar(loss_fn()))
         for k in queries:
             for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
-                losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign))
+                losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign, prefix))
+        if prefix:
+            self._log_prefix(trainable, prefix)
         losses = torch.stack(losses)
         projected = torch.zeros(self.num_queries, dtype=torch.float64, device=losses.device)
         curvatures = None
@@ -185,7 +195,27 @@ class ZOEstimator:
         """Context in which every forward sees ``p + sign·ε·z_query`` for each trainable ``p``."""
         return _Perturbation(self, trainable, step, query, sign * self.eps)
 
-    def _perturbed_loss(self, loss_fn, rng: RngState, trainable, step: int, query: int, sign: float) -> torch.Tensor:
+    def _prefix_reuse(self, trainable) -> PrefixReuse | None:
+        """This batch's `PrefixReuse`; None where reuse is off, or where the last batch of these trainable parameters
+        had nothing to serve (the whole model trains): recording it again would cost hooks for nothing."""
+        if not self.reuse_prefix or tuple(id(p) for _, p in trainable) in self._no_prefix:
+            return None
+        return PrefixReuse(self.model, [p for _, p in trainable], trainable[0][1].device)
+
+    def _log_prefix(self, trainable, prefix: PrefixReuse) -> None:
+        """Logs what is served for a set of trainable parameters when it first differs from the last batch's."""
+        key, summary = tuple(id(p) for _, p in trainable), prefix.summary()
+        if not prefix.num_served:
+            self._no_prefix.add(key)
+        if self._prefix_logged.get(key) != summary:
+            if len(self._prefix_logged) >= _CopyArena.MAX_VIEWS:
+                self._prefix_logged.clear()
+            self._prefix_logged[key] = summary
+            if prefix.num_served or prefix.refused:
+                logger.info(summary)
+
+    def _perturbed_loss(self, loss_fn, rng: RngState, trainable, step: int, query: int, sign: float,
+                        prefix: PrefixReuse | None = None) -> torch.Tensor:
         """``loss_fn()`` at ``p + sign·ε·z_query``. The hooks perturb a parameter only inside its module's forward,
         so the first probe forward for a set of trainable parameters watches for parameters read outside it
         (DeBERTa's relative position table, read by the encoder; a weight read by a custom loss): those found are
@@ -193,7 +223,7 @@ class ZOEstimator:
         while True:
             rng.restore()
             perturbation = self.perturbed(trainable, step, query, sign)
-            with perturbation:
+            with perturbation, prefix.forward(perturbation.carriers()) if prefix else contextlib.nullcontext():
                 loss = _scalar(loss_fn())
             if not perturbation.read_unperturbed:
                 return loss
@@ -418,6 +448,12 @@ class _Perturbation:
             if vars(module).get("forward") is forward:  # not one set on top of ours since
                 del module.forward
 
+    def carriers(self) -> set[int]:
+        """Ids of the tensors through which this forward can see the perturbation: the trainable parameters and the
+        copies swapped in for the whole forward (the hooks swap the others in only inside their modules)."""
+        modules = [*self.owned, *(module for module, _, _ in self.pinned)]
+        return {id(p) for _, p in self.trainable} | {id(t) for m in modules for t in m._parameters.values()}
+
     def _swap_in_everything(self) -> None:
         """Where every copy fits in the arena (small models): all drawn by one call and swapped in for the whole
         context, no hooks. It takes no more memory than the groups would, and saves the Python of two hooks per
@@ -482,7 +518,8 @@ class _Perturbation:
         """The forward of a large `nn.Linear` in the probe: ``input @ (weight + δz)ᵀ + (bias + δz_b)``, one block of
         output features at a time, each block of rows of the perturbed weight drawn right before its product into one
         buffer of at most ~BLOCK_BYTES, taken from the arena (`_take`): one allocated at every probe unsettled
-        glibc's heap, whose peak then rose by ~40 MiB in more processes than without ZO (`benchmarks/README.md`).
+        glibc's heap, whose peak then rose by ~40 MiB in more processes than without ZO (`docs/engine.md`, "Memory
+        with glibc").
         Each output entry is still one dot product of an input row with a perturbed weight row; the BLAS may sum
         a narrow product in another order than a wide one, so the output equals a full copy's to float32 rounding
         (the tests check it)."""
