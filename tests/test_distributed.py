@@ -60,6 +60,10 @@ def runs(tmp_path_factory):
         "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
         "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
+        # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
+        **{name: launch(TWO_PROCESSES, tmp / name, "--batch", "4", "--queries", "4", "--parallel", "query", "--zo",
+                        'trainable_parameters=["model.layers.1.mlp.*"]', f"zo_reuse_prefix={reuse}")
+           for name, reuse in (("query-block", "true"), ("query-block-no-reuse", "false"))},
     }
 
 
@@ -81,6 +85,13 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs, mode):
     assert max_difference(runs[mode][0], one) < ROUNDING
     moved = max((p - q).abs().max().item() for p, q in zip(one["params"].values(), runs["resumed"][0]["params"].values()))
     assert moved < ROUNDING  # also the reference for the resume below
+
+
+def test_prefix_reuse_leaves_query_parallel_steps_bitwise_the_same(runs):
+    reused, plain = runs["query-block"][0], runs["query-block-no-reuse"][0]
+    assert [e["loss"] for e in reused["log"] if "loss" in e] == [e["loss"] for e in plain["log"] if "loss" in e]
+    assert all(torch.equal(reused["params"][n], plain["params"][n]) for n in plain["params"])
+    assert max_difference(reused, {"params": reused["init"]}) > 0  # the block trained
 
 
 def test_a_zo_optimizer_with_state_runs_data_parallel_as_on_one_process(runs):
