@@ -31,7 +31,7 @@ import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,19 +136,18 @@ def _ancestors(call: _Call):
 
 
 class _FirstRead(TorchFunctionMode):
-    """Calls ``found`` at the first torch function that reads one of ``watched`` (ids of trainable parameters and of
+    """Sets ``done`` at the first torch function that reads one of ``watched`` (ids of trainable parameters and of
     their perturbed copies) and returns a tensor: metadata (a dtype, a shape) carries no perturbation."""
 
-    def __init__(self, watched: set[int], found: Callable[[], None]):
+    def __init__(self, watched: set[int]):
         super().__init__()
-        self.watched, self.found, self.done = watched, found, False
+        self.watched, self.done = watched, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self.done and any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
-            if any(isinstance(leaf, torch.Tensor) and id(leaf) in self.watched for leaf in tree_leaves((args, kwargs))):
-                self.done = True
-                self.found()
+            self.done = any(isinstance(leaf, torch.Tensor) and id(leaf) in self.watched
+                            for leaf in tree_leaves((args, kwargs)))
         return out
 
 
@@ -215,10 +214,10 @@ class _Recording:
     """The batch's first forward, run as usual, with hooks on every module recording the calls of the prefix."""
 
     def __init__(self, reuse: PrefixReuse, perturbed: set[int]):
-        self.reuse, self.perturbed = reuse, perturbed
+        self.reuse = reuse
         self.calls: list[_Call] = []
         self.open: list[_Call] = []
-        self.read = False  # the first read of a trainable parameter happened
+        self.read = _FirstRead(perturbed)  # done: the first read of a trainable parameter happened
 
     def __enter__(self):
         modules = list(self.reuse.model.modules())
@@ -226,24 +225,20 @@ class _Recording:
         # prepended: this hook sees the output of forward itself, which a served call stands in for
         self.handles += [m.register_forward_hook(self._exit, with_kwargs=True, always_call=True, prepend=True)
                          for m in modules]
-        self.mode = _FirstRead(self.perturbed, self._first_read)
-        self.mode.__enter__()
+        self.read.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
+        self.read.__exit__(*exc)
         for handle in self.handles:
             handle.remove()
         if exc[0] is None:
             self.reuse._finish_recording(self.calls)
 
-    def _first_read(self) -> None:
-        self.read = True
-
     def _enter(self, module, args, kwargs):
         if module in self.reuse.owners:
-            self._first_read()
-        if self.read:
+            self.read.done = True
+        if self.read.done:
             return
         tensors, why_not = [], AFTER_READ
         try:
@@ -259,7 +254,7 @@ class _Recording:
         if not self.open or self.open[-1].module is not module:
             return None  # entered after the first read
         call = self.open.pop()
-        if self.read or call.why_not != AFTER_READ:
+        if self.read.done or call.why_not != AFTER_READ:
             return None
         call.why_not = self._why_not(call, module, output)
         if call.why_not is None:
