@@ -192,18 +192,6 @@ def _to_dataclasses(namespace: argparse.Namespace) -> tuple:
     )
 
 
-def _use_cpu_when_no_accelerator() -> None:
-    """Several processes on a machine without GPUs: make TrainingArguments use gloo on CPU.
-
-    `accelerate launch --multi_gpu --num_processes N` (and accelerate_configs/multi_cpu_2proc.yaml) starts N
-    processes through torchrun but does not export ACCELERATE_USE_CPU, and `TrainingArguments` only asks
-    accelerate for a CPU process group when it is set (or `use_cpu`): each process would otherwise train alone
-    as world 1 and they would all write the same output_dir.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-
-
 def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     """(ModelArguments, DataArguments, ZOConfig) from `--config` yaml + `--scale` + CLI flags (CLI wins).
 
@@ -211,7 +199,6 @@ def parse_args(argv: list[str] | None = None, return_recipe: bool = False):
     With `return_recipe=True` also returns the resolved flat recipe (yaml + scale + CLI keys) as a dict.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    _use_cpu_when_no_accelerator()
     parser = _build_parser()
     valid_keys = {action.dest for action in parser._actions} - {"help", *SCRIPT_FLAGS}
     explicit = _explicit_flags(parser, argv)
