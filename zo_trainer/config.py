@@ -154,6 +154,15 @@ class ZOConfig(TrainingArguments):
             "a top block trains; keeps one boundary tensor per such module for the batch's probes."
         },
     )
+    zo_chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute a causal LM's loss in the ZO probes a chunk of tokens at a time from the final hidden "
+            "states, never holding the full logits (tokens x vocabulary). Used where the model's head is a plain "
+            "linear layer and a check on the first batch finds the model's own loss to float tolerance; else off, "
+            "with a log line saying why."
+        },
+    )
     trainable_parameters: list[str] | None = field(
         default=None,
         metadata={

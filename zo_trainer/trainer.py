@@ -9,8 +9,10 @@ parent's backprop step, so baselines share every line of code but the step itsel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
+from . import chunked_loss
 from .checkpointing import CheckpointSafety
 from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
 from .config import ZOConfig, zo_config_class
@@ -112,6 +115,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
         self._pending = PendingEstimate()  # zo_write_grad mode: the estimate of this window (a ZO optimizer keeps its own)
         self._window = _LogWindow()
         self._counters: dict[str, float] | None = None  # forward_passes / wall_time, carried across resumes
+        self._chunks_loss: dict[int, bool] = {}  # id(model) -> whether its probes compute the loss in chunks
 
     def _zo_args(self, args: TrainingArguments | None) -> ZOConfig:
         """``args`` as an instance of the ZO config of its class (or of `args_class`), every value kept."""
@@ -181,11 +185,15 @@ class ZOTrainer(CheckpointSafety, Trainer):
 
         record_once = _RecordOnce(self, self.recorded_once_per_batch)
 
-        def loss_fn() -> torch.Tensor:
+        def loss_fn(record=record_once, chunked=True) -> torch.Tensor:
             # a copy of the inputs: compute_loss pops "labels" for compute_loss_func
-            with record_once, self.compute_loss_context_manager():
+            chunks = chunked_loss.ChunkedLoss(forward_model, inputs["labels"]) if chunked else contextlib.nullcontext()
+            with record, self.compute_loss_context_manager(), chunks:
                 loss = self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             return loss / loss_divisor
+
+        if not self._loss_in_chunks(forward_model, inputs, loss_fn):
+            loss_fn = functools.partial(loss_fn, chunked=False)
 
         probe = self.zo_estimator.probe(loss_fn, step=self.state.global_step, queries=queries)
         weight = 1.0 if self._loss_is_scaled_for_accumulation(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
@@ -194,6 +202,29 @@ class ZOTrainer(CheckpointSafety, Trainer):
         if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
             self._finish_zo_step()
         return (probe.loss * weight).to(self.args.device, torch.float32)
+
+    def _loss_in_chunks(self, model: nn.Module, inputs, loss_fn) -> bool:
+        """Whether the probes compute the loss in chunks (`zo_trainer.chunked_loss`), decided at the first batch of
+        each model: where ``zo_chunked_loss``, where compute_loss reads nothing but the model's loss (no
+        compute_loss_func, no label smoothing, no subclass reading the logits) and where the check agrees."""
+        if id(model) not in self._chunks_loss:
+            why_not = None
+            if not self.args.zo_chunked_loss:
+                why_not = "zo_chunked_loss=False"
+            elif type(self).compute_loss is not Trainer.compute_loss:
+                why_not = f"{type(self).__name__}.compute_loss may read the logits"
+            elif self.compute_loss_func is not None or self.label_smoother is not None:
+                why_not = "compute_loss_func or label smoothing reads the logits"
+            elif not isinstance(inputs.get("labels"), torch.Tensor):
+                why_not = "the batch has no labels"
+            else:
+                why_not = chunked_loss.check(lambda chunked: loss_fn(self.recording_nothing(), chunked), model)
+            self._chunks_loss[id(model)] = why_not is None
+            if why_not is None:
+                logger.info("ZO probes compute the loss a chunk of tokens at a time: the full logits are never held")
+            elif self.args.zo_chunked_loss:
+                logger.info("ZO probes compute the loss from the full logits: %s", why_not)
+        return self._chunks_loss[id(model)]
 
     @property
     def _query_parallel(self) -> bool:
