@@ -1,6 +1,6 @@
 """What a ZO step costs when only a block trains, with and without prefix reuse (`zo_trainer.zo.prefix`).
 
-    python benchmarks/bench_prefix_reuse.py                      # llama-small and llama2-20m, ~12 min on 2 cores
+    python benchmarks/bench_prefix_reuse.py                      # llama-small and llama2-20m, ~20 min on 2 cores
     python benchmarks/bench_prefix_reuse.py --models small --repeats 1   # a quick look (~1 min)
     python benchmarks/bench_prefix_reuse.py --json benchmarks/results/prefix_reuse.json
 
@@ -11,16 +11,18 @@ plain forward (no_grad) and ZO steps (probe + ZO-SGD update, central, Gaussian) 
 * the last MLP (the paper's reduced dimension, §3.2) at q = 1, 8 and 20,
 * each layer of the paper's layer-wise schedule (Figure 6: ``model.layers.{i}.*`` in turn, q = 1),
 
-with reuse and without, one step of each within every repeat (interleaved, so that load drifting on a shared
-machine hits both alike), and reports each step in plain forwards (medians over the repeats, with their range),
-the speed-up, and what share of a forward the LM head and its loss take (what reuse cannot save). Then the peak
+without prefix reuse, with it, and with it and the chunked loss (`zo_trainer.chunked_loss`, what `ZOTrainer` does
+by default), one step of each within every repeat (interleaved, so that load drifting on a shared
+machine hits all alike), and reports each step in plain forwards (medians over the repeats; every repeat is in the
+JSON), the speed-ups, and what share of a forward the LM head and its loss take (what reuse cannot save). Then the peak
 memory above the model and batch (VmHWM in fresh processes, glibc with a fixed mmap threshold, so the peak is the
-live tensors') of 2 x 2 plain forwards and of 2 last-MLP steps (q = 1) with and without reuse.
+live tensors') of 2 x 2 plain forwards and of 2 last-MLP steps (q = 1) of each kind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +34,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench_zo_step import rss_kib
+from zo_trainer.chunked_loss import ChunkedLoss
 from zo_trainer.modeling import PRESETS
 from zo_trainer.zo import ZOSGD, ZOEstimator
 
@@ -62,13 +65,21 @@ def train_only(model, prefix: str) -> None:
         p.requires_grad_(name.startswith(prefix))
 
 
-def make_step(model, x, q: int, reuse: bool):
+VARIANTS = {"no reuse": (False, False), "reuse": (True, False), "reuse + chunked loss": (True, True)}
+
+
+def make_step(model, x, q: int, variant: str):
+    reuse, chunked = VARIANTS[variant]
     estimator = ZOEstimator(model, num_queries=q, seed=0, reuse_prefix=reuse)
     optimizer = ZOSGD([p for p in model.parameters() if p.requires_grad], estimator, lr=1e-4)
     steps = iter(range(10**9))
 
+    def loss_fn():
+        with ChunkedLoss(model, x) if chunked else contextlib.nullcontext():
+            return model(input_ids=x, labels=x).loss
+
     def step():
-        optimizer.accumulate(estimator.probe(lambda: model(input_ids=x, labels=x).loss, next(steps)))
+        optimizer.accumulate(estimator.probe(loss_fn, next(steps)))
         optimizer.step()
 
     return step
@@ -96,17 +107,17 @@ def measure_times(name: str, repeats: int) -> dict:
     steps = {}
     for setting, (prefix, q) in settings(model).items():
         train_only(model, prefix)
-        steps[setting] = {reuse: make_step(model, x, q, reuse) for reuse in (True, False)}
+        steps[setting] = {variant: make_step(model, x, q, variant) for variant in VARIANTS}
         for step in steps[setting].values():
             step()  # warm-up: the first probe of a set of trainable parameters sizes its buffers
     forward()
-    times = {"forward": [], **{f"{s}, {'reuse' if r else 'no reuse'}": [] for s in steps for r in (True, False)}}
+    times = {"forward": [], **{f"{s}, {variant}": [] for s in steps for variant in VARIANTS}}
     for repeat in range(repeats):
         times["forward"].append(timed(forward))
         for setting, (prefix, _) in settings(model).items():
             train_only(model, prefix)
-            for reuse, step in steps[setting].items():
-                times[f"{setting}, {'reuse' if reuse else 'no reuse'}"].append(timed(step))
+            for variant, step in steps[setting].items():
+                times[f"{setting}, {variant}"].append(timed(step))
         print(f"  {name}: repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
     return {"times_s": times, "head_share": head_share(model, x, repeats=max(3, repeats))}
 
@@ -121,7 +132,7 @@ def measure_memory(name: str, kind: str) -> dict:
         run = forwards
     else:
         train_only(model, f"model.layers.{model.config.num_hidden_layers - 1}.mlp.")
-        run = make_step(model, x, 1, reuse=kind == "reuse")
+        run = make_step(model, x, 1, kind)
     base = rss_kib("VmRSS")
     run()
     run()
@@ -129,7 +140,7 @@ def measure_memory(name: str, kind: str) -> dict:
 
 
 def memory_in_subprocesses(name: str) -> dict:
-    measured = {kind: [] for kind in ("inference", "reuse", "no reuse")}
+    measured = {kind: [] for kind in ("inference", *VARIANTS)}
     for _ in range(MEMORY_RUNS):
         for kind in measured:  # alternated
             cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
@@ -144,17 +155,17 @@ def report(name: str, result: dict) -> None:
     unit = statistics.median(times["forward"])
     print(f"\n{name} ({MODELS[name]}, {BATCH}x{SEQUENCE} tokens): one forward {unit:.3f} s (median of "
           f"{len(times['forward'])}); LM head + loss: {result['head_share']:.0%} of a forward")
-    print(f"{'setting':<22}{'no reuse (fwd)':>16}{'reuse (fwd)':>14}{'speed-up':>10}   reuse range (fwd)")
-    for setting in dict.fromkeys(key.rsplit(", ", 1)[0] for key in times if key != "forward"):
-        plain, reused = (times[f"{setting}, {kind}"] for kind in ("no reuse", "reuse"))
-        low, high = min(reused) / unit, max(reused) / unit
-        print(f"{setting:<22}{statistics.median(plain) / unit:>16.2f}{statistics.median(reused) / unit:>14.2f}"
-              f"{statistics.median(plain) / statistics.median(reused):>9.2f}x   {low:.2f}-{high:.2f}")
+    print(f"{'setting':<18}{'no reuse':>10}{'reuse':>8}{'speed-up':>10}{'+ chunked loss':>16}{'speed-up':>10}   (forwards)")
+    for setting in dict.fromkeys(key.split(", ")[0] + ", " + key.split(", ")[1] for key in times if key != "forward"):
+        plain, reused, chunked = (statistics.median(times[f"{setting}, {v}"]) for v in VARIANTS)
+        print(f"{setting:<18}{plain / unit:>10.2f}{reused / unit:>8.2f}{plain / reused:>9.2f}x{chunked / unit:>16.2f}"
+              f"{plain / chunked:>9.2f}x")
     memory = result.get("memory_kib")
     if memory:
+        cells = ", ".join(f"{kind} {memory[kind] / 1024:.0f} ({memory[kind] / memory['inference']:.3f}x)"
+                          for kind in VARIANTS)
         print(f"peak above model and batch (MiB, median of {MEMORY_RUNS} processes): 2x2 forwards "
-              f"{memory['inference'] / 1024:.0f}, 2 last-MLP steps {memory['no reuse'] / 1024:.0f} without reuse, "
-              f"{memory['reuse'] / 1024:.0f} with ({memory['reuse'] / memory['inference']:.3f}x inference)")
+              f"{memory['inference'] / 1024:.0f}; 2 last-MLP steps: {cells}")
 
 
 def main() -> None:
