@@ -192,3 +192,14 @@ def _peak_of_one_forward(kind: str) -> None:
 
 if __name__ == "__main__":
     _peak_of_one_forward(sys.argv[1])
+
+
+def test_a_peft_adapter_model_gets_the_chunked_loss():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(use_cache=False), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids, labels = batch()
+    with torch.no_grad():
+        own, chunked = losses(model, ids, labels)
+    assert chunked.item() == pytest.approx(own.item(), rel=1e-6)
+    assert check(loss_fn(model, ids, labels), model) is None

@@ -61,9 +61,10 @@ def runs(tmp_path_factory):
         "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
-        **{name: launch(TWO_PROCESSES, tmp / name, "--batch", "4", "--queries", "4", "--parallel", "query", "--zo",
-                        'trainable_parameters=["model.layers.1.mlp.*"]', f"zo_reuse_prefix={reuse}")
-           for name, reuse in (("query-block", "true"), ("query-block-no-reuse", "false"))},
+        **{f"{mode}-block{suffix}": launch(TWO_PROCESSES, tmp / f"{mode}-block{suffix}", "--batch", "4", "--queries",
+                                           "4", "--parallel", mode, "--zo", 'trainable_parameters=["model.layers.1.mlp.*"]',
+                                           f"zo_reuse_prefix={reuse}")
+           for mode in ("data", "query") for suffix, reuse in (("", "true"), ("-no-reuse", "false"))},
     }
 
 
@@ -87,8 +88,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs, mode):
     assert moved < ROUNDING  # also the reference for the resume below
 
 
-def test_prefix_reuse_leaves_query_parallel_steps_bitwise_the_same(runs):
-    reused, plain = runs["query-block"][0], runs["query-block-no-reuse"][0]
+@pytest.mark.parametrize("mode", ["data", "query"])
+def test_prefix_reuse_leaves_parallel_steps_bitwise_the_same(runs, mode):
+    reused, plain = runs[f"{mode}-block"][0], runs[f"{mode}-block-no-reuse"][0]
     assert [e["loss"] for e in reused["log"] if "loss" in e] == [e["loss"] for e in plain["log"] if "loss" in e]
     assert all(torch.equal(reused["params"][n], plain["params"][n]) for n in plain["params"])
     assert max_difference(reused, {"params": reused["init"]}) > 0  # the block trained
@@ -157,3 +159,31 @@ def test_fsdp_is_refused_with_a_clear_error(tmp_path):
     done = run_script(TWO_PROCESSES, tmp_path, "--fsdp")
     assert done.returncode != 0
     assert "ZO training does not support FSDP or DeepSpeed sharding" in done.stderr
+
+
+FULLY_SHARDED_PROBE = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, "tests")
+from conftest import tiny_llama
+from zo_trainer.zo import ZOEstimator
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29547", RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+model = tiny_llama()
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+ids = torch.randint(0, 256, (2, 16))
+try:
+    ZOEstimator(model).probe(lambda: model(input_ids=ids, labels=ids).loss, 0)
+except ValueError as e:
+    print(e)
+dist.destroy_process_group()
+"""
+
+
+def test_the_engine_refuses_fsdp2_sharded_parameters_with_a_clear_error():
+    done = subprocess.run([sys.executable, "-c", FULLY_SHARDED_PROBE], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "is a DTensor (sharded by FSDP2's fully_shard" in done.stdout

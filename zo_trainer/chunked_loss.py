@@ -36,7 +36,8 @@ class ChunkedLoss:
     """Context of one forward of ``model`` on a batch with ``labels``: the head computes the loss in chunks."""
 
     def __init__(self, model: nn.Module, labels: torch.Tensor):
-        self.model, self.labels = model, labels
+        get_base = getattr(model, "get_base_model", None)  # a PEFT model: the transformers model calls the loss
+        self.model, self.labels = get_base() if callable(get_base) else model, labels
         self.head = plain_linear_head(model)
         if self.head is None:
             raise ValueError(f"{type(model).__name__} has no plain nn.Linear output embedding to chunk the loss of")

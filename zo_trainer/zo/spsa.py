@@ -159,6 +159,7 @@ class ZOEstimator:
         trainable = self.trainable()
         if not trainable:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
+        _refuse_sharded(trainable)
         rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
         prefix = self._prefix_reuse(trainable)
         losses = []
@@ -255,6 +256,8 @@ class ZOEstimator:
         """``p ← p·(1 − lr·wd) − lr·Σ_(step, c) Σ_k c_k z_k(step)``: the directions of several steps in one sweep
         (momentum rebuilt from past seeds, `ZOSGD` with ``momentum_history``)."""
         terms = [(step, coefficients.tolist()) for step, coefficients in terms]
+        params = list(params)
+        _refuse_sharded([(self._names.get(id(p), "a parameter"), p) for p, _, _ in params])
         by_rate = defaultdict(list)
         for p, lr, weight_decay in params:
             if weight_decay:
@@ -714,6 +717,20 @@ class RngState:
         torch.set_rng_state(self.cpu)
         if self.accel is not None:
             torch.cuda.set_rng_state(self.accel, self.device)
+
+
+def _refuse_sharded(named: list[tuple[str, torch.Tensor]]) -> None:
+    """A clear error for sharded parameters (FSDP2's `fully_shard`, tensor parallelism), which the probes and updates
+    would read as whole local tensors."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None) if torch.distributed.is_available() \
+        else None
+    sharded = [name for name, p in named if dtensor is not None and isinstance(p, dtensor)]
+    if sharded:
+        raise ValueError(
+            f"{sharded[0]} is a DTensor (sharded by FSDP2's fully_shard or by tensor parallelism): the ZO engine "
+            "perturbs and updates whole tensors and does not take sharded parameters. Give every process the whole "
+            "model and split the work with data- or query-parallel ZO (ZOConfig.zo_parallel, or each process probing "
+            "its share of the queries: ZOEstimator.probe(queries=...))")
 
 
 def _block_rows(weight: torch.Tensor) -> int:
