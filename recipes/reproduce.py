@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPER_TEXT = "docs/seeds/zo-pretraining-paper-allaire-2025.md"  # the paper's text, in this repository
 RECIPES = ROOT / "recipes" / "paper"
 RUNS = ROOT / "runs" / "reproduce"
+EXTRA_FLAGS: list[str] = []  # --flags: given to every run's pretrain_zo.py
 PAPER_LAUNCH = ["accelerate", "launch", "--config_file", "accelerate_configs/multi_gpu_fp16.yaml"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
@@ -389,7 +390,7 @@ def command(study: Study, run: Run, scale: str, seed: int, steps: int | None, ba
         cmd = PAPER_LAUNCH + cmd[1:]
     for key, value in flags.items():
         cmd += [f"--{key}", str(value)]
-    return cmd
+    return cmd + EXTRA_FLAGS
 
 
 def read_results(path: Path) -> dict:
@@ -580,7 +581,7 @@ def run_study(name: str, scale: str, seeds: list[int], out: Path, steps: int | N
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    global RUNS
+    global RUNS, EXTRA_FLAGS
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", choices=ORDER + ["all"])
@@ -590,7 +591,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--steps", type=int, default=None, help="force N steps per run, block 32 (tests)")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have all_results.json")
     parser.add_argument("--runs", default=None, help="where run output dirs go (default runs/reproduce)")
+    parser.add_argument("--flags", default="", help="more pretrain_zo.py flags for every run, e.g. "
+                        "'--zo_reuse_prefix false'")
     args = parser.parse_args(argv)
+    EXTRA_FLAGS = shlex.split(args.flags)
     RUNS = (Path(args.runs).resolve() if args.runs else ROOT / "runs" / "reproduce") / ("" if args.steps is None else f"steps{args.steps}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out

@@ -103,6 +103,13 @@ def test_cpu_commands_carry_the_study_overrides():
     assert cmd[cmd.index("--max_steps") + 1] == str(total) and schedule[1]["training_order"] == "zo"
 
 
+def test_flags_reach_every_run(monkeypatch):
+    monkeypatch.setattr(reproduce, "EXTRA_FLAGS", ["--zo_reuse_prefix", "false"])
+    fig6 = reproduce.STUDIES["fig6"]
+    for run in fig6.runs:
+        assert reproduce.command(fig6, run, "cpu", 0, None, None)[-2:] == ["--zo_reuse_prefix", "false"]
+
+
 # ------------------------------------------------------------------------------------------- verdicts
 def test_q1_fails_verdicts():
     learned, diverged, stalled = _result(eval_loss=7.5), _result(eval_loss=None), _result(eval_loss=8.29)
