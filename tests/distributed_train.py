@@ -27,6 +27,7 @@ parser.add_argument("--resume", default=None)
 parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
 parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset, as a user's script would")
 parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (ZO must refuse it)")
+parser.add_argument("--own_compute_loss", action="store_true", help="a Trainer subclass with its own compute_loss")
 parser.add_argument("--zo", nargs="*", default=[], metavar="FIELD=JSON", help="more ZOConfig fields, e.g. zo_momentum=0.9")
 cli = parser.parse_args()
 
@@ -43,7 +44,14 @@ model = tiny_llama()
 if cli.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate autocasts fp16 on GPUs only
     fp16_autocast_as_on_gpus(model)
 init = {n: p.detach().clone() for n, p in model.named_parameters()}
-trainer = ZOTrainer(model=model, args=args, train_dataset=random_token_dataset(n=64))
+
+class OwnComputeLoss(ZOTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+trainer_class = OwnComputeLoss if cli.own_compute_loss else ZOTrainer
+trainer = trainer_class(model=model, args=args, train_dataset=random_token_dataset(n=64))
 trainer.train(resume_from_checkpoint=cli.resume)
 rank = trainer.accelerator.process_index
 state = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -155,6 +155,14 @@ def test_two_process_checkpoint_resumes_on_one_process(runs):
     assert [(e["step"], e["forward_passes"]) for e in logs] == [(1, 8), (2, 16), (3, 24)]
 
 
+def test_uneven_query_splits_are_refused_for_a_compute_loss_of_its_own(tmp_path):
+    """3 queries on 2 processes: one process would run compute_loss 4 times per batch, the other 2, and a collective
+    inside it (TRL gathers its token counts) would wait forever."""
+    done = run_script(TWO_PROCESSES, tmp_path, "--queries", "3", "--parallel", "query", "--own_compute_loss")
+    assert done.returncode != 0
+    assert "use a zo_num_queries divisible by the number of processes" in done.stderr
+
+
 def test_fsdp_is_refused_with_a_clear_error(tmp_path):
     done = run_script(TWO_PROCESSES, tmp_path, "--fsdp")
     assert done.returncode != 0

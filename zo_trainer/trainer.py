@@ -65,6 +65,15 @@ class ZOTrainer(CheckpointSafety, Trainer):
                 f"zo_parallel='query' splits the zo_num_queries={self.args.zo_num_queries} directions over "
                 f"{self.accelerator.num_processes} processes: use at least as many queries as processes"
             )
+        if (self.args.zo_parallel == "query" and self.accelerator.num_processes > 1
+                and self.args.zo_num_queries % self.accelerator.num_processes
+                and type(self).compute_loss is not Trainer.compute_loss):
+            raise ValueError(
+                f"zo_parallel='query' with zo_num_queries={self.args.zo_num_queries} on "
+                f"{self.accelerator.num_processes} processes runs compute_loss more often on some processes than on "
+                f"others, and {type(self).__name__}.compute_loss may gather across processes (TRL's metrics do): "
+                "use a zo_num_queries divisible by the number of processes, or zo_parallel='data'"
+            )
         self.training_order = self.args.training_order
         self.zo_estimator = ZOEstimator(self.model, **self.args.zo_estimator_kwargs())
         if self.args.trainable_parameters:
