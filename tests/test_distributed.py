@@ -144,7 +144,8 @@ def test_communication_is_a_few_scalars_per_step(runs):
     assert [e["communicated_bytes"] for e in data_log] == [32, 64, 96]  # q = 4 float64 projected gradients
     query_log = [e for e in runs["query"][0]["log"] if "loss" in e]
     gathered = 2 * 8 * 32 * 8  # input_ids and labels, 8 sequences of 32 int64 tokens
-    assert [e["communicated_bytes"] for e in query_log] == [(gathered + 32) * k for k in (1, 2, 3)]
+    lengths = 2 * 2 * 8  # their lengths on each of the 2 processes, int64
+    assert [e["communicated_bytes"] for e in query_log] == [(gathered + lengths + 32) * k for k in (1, 2, 3)]
 
 
 def test_two_process_checkpoint_resumes_on_one_process(runs):
@@ -157,7 +158,7 @@ def test_two_process_checkpoint_resumes_on_one_process(runs):
 
 def test_uneven_query_splits_are_refused_for_a_compute_loss_of_its_own(tmp_path):
     """3 queries on 2 processes: one process would run compute_loss 4 times per batch, the other 2, and a collective
-    inside it (TRL gathers its token counts) would wait forever."""
+    inside it would wait forever."""
     done = run_script(TWO_PROCESSES, tmp_path, "--queries", "3", "--parallel", "query", "--own_compute_loss")
     assert done.returncode != 0
     assert "use a zo_num_queries divisible by the number of processes" in done.stderr

@@ -177,3 +177,27 @@ def test_without_trl_the_import_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "zo_trainer.trl")
     with pytest.raises(ImportError, match=r"zo_trainer.trl needs TRL .*pip install 'zo-trainer\[trl\]'"):
         importlib.import_module("zo_trainer.trl")
+
+
+@pytest.mark.slow
+def test_zo_sft_on_two_processes_counts_tokens_as_one_process_on_the_global_batch(tmp_path):
+    """Data- and query-parallel (every process evaluates its queries on the gathered global batch) log the tokens
+    of the global batch once, as one process does on it."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    two = ["--config_file", str(root / "accelerate_configs" / "multi_cpu_2proc.yaml")]
+    logs = {}
+    for name, processes, flags in [("one", ["--num_processes", "1", "--cpu"], ["--batch", "4"]),
+                                   ("data", two, ["--parallel", "data"]), ("query", two, ["--parallel", "query"])]:
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *processes,
+                               str(root / "tests" / "distributed_sft.py"), "--out", str(out), *flags],
+                              capture_output=True, text=True, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[name] = json.loads((out / "log.json").read_text())
+    assert logs["data"]["num_tokens"] == logs["one"]["num_tokens"]
+    assert logs["query"]["num_tokens"] == logs["one"]["num_tokens"]
+    assert logs["query"]["loss"] == pytest.approx(logs["one"]["loss"], abs=1e-5)

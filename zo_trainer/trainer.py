@@ -71,7 +71,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
             raise ValueError(
                 f"zo_parallel='query' with zo_num_queries={self.args.zo_num_queries} on "
                 f"{self.accelerator.num_processes} processes runs compute_loss more often on some processes than on "
-                f"others, and {type(self).__name__}.compute_loss may gather across processes (TRL's metrics do): "
+                f"others, and {type(self).__name__}.compute_loss may run a collective across processes: "
                 "use a zo_num_queries divisible by the number of processes, or zo_parallel='data'"
             )
         self.training_order = self.args.training_order
@@ -197,7 +197,8 @@ class ZOTrainer(CheckpointSafety, Trainer):
         def loss_fn(record=record_once, chunked=True) -> torch.Tensor:
             # a copy of the inputs: compute_loss pops "labels" for compute_loss_func
             chunks = chunked_loss.ChunkedLoss(forward_model, inputs["labels"]) if chunked else contextlib.nullcontext()
-            with record, self.compute_loss_context_manager(), chunks:
+            gathered = _MetricsOfTheGatheredBatch(self.accelerator) if self._query_parallel else contextlib.nullcontext()
+            with record, self.compute_loss_context_manager(), chunks, gathered:
                 loss = self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             return loss / loss_divisor
 
@@ -239,8 +240,39 @@ class ZOTrainer(CheckpointSafety, Trainer):
     def _query_parallel(self) -> bool:
         return self.args.zo_parallel == "query" and self.accelerator.num_processes > 1
 
+    def _pad_to_common_length(self, inputs: dict) -> dict:
+        """A collator that pads each batch to its own longest sequence gives the processes' batches other lengths:
+        before they are gathered, each is padded on the right to the longest of all (one collective of the lengths),
+        as one process's collator pads the global batch: labels with -100, masks with 0, input_ids with the pad token."""
+        keys = [k for k, v in inputs.items() if torch.is_tensor(v) and v.dim() >= 2]
+        if not keys:
+            return inputs
+        lengths = self.accelerator.gather(torch.tensor([inputs[k].shape[1] for k in keys], device=self.args.device))
+        self._counters["communicated_bytes"] += lengths.numel() * lengths.element_size()
+        padded = dict(inputs)
+        for key, longest in zip(keys, lengths.view(-1, len(keys)).amax(0).tolist()):
+            tensor = inputs[key]
+            if tensor.shape[1] < longest:
+                fill = tensor.new_full((tensor.shape[0], longest - tensor.shape[1], *tensor.shape[2:]), self._pad_value(key))
+                padded[key] = torch.cat([tensor, fill], dim=1)
+        return padded
+
+    def _pad_value(self, key: str) -> int:
+        if key == "labels":
+            return -100
+        if "mask" in key or key == "token_type_ids":
+            return 0
+        if key == "input_ids":
+            pad = getattr(self.processing_class, "pad_token_id", None)
+            return 0 if pad is None else pad
+        raise ValueError(
+            f"zo_parallel='query': the batch's {key!r} has another length on each process and no known padding value "
+            "(labels, input_ids, token_type_ids and masks are padded): pad it to one length in the data collator, or "
+            "use zo_parallel='data'")
+
     def _gather_global_batch(self, inputs, num_items_in_batch):
         """Query-parallel: every process evaluates its share of the directions on the whole global batch."""
+        inputs = self._pad_to_common_length(inputs)
         inputs = {**inputs, **_gather_together(self.accelerator, {k: v for k, v in inputs.items() if torch.is_tensor(v)})}
         self._counters["communicated_bytes"] += sum(v.numel() * v.element_size() for v in inputs.values() if torch.is_tensor(v))
         if num_items_in_batch is None:
@@ -424,6 +456,28 @@ class _RecordOnce:
         else:
             for name, value in self.kept.items():
                 setattr(self.owner, name, copy.deepcopy(value))
+
+
+class _MetricsOfTheGatheredBatch:
+    """Query-parallel: each process already holds the global batch, so metrics that a compute_loss gathers across
+    processes (TRL's token counts and accuracies) would count it once per process: `gather_for_metrics` gives back
+    this process's value (as on one process) for the probe forwards, and needs no collective."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def __enter__(self):
+        self.accelerator.gather_for_metrics = self._as_on_one_process
+        return self
+
+    def __exit__(self, *exc):
+        del self.accelerator.gather_for_metrics
+
+    @staticmethod
+    def _as_on_one_process(data, use_gather_object=False):
+        if torch.is_tensor(data):
+            return data[None] if data.dim() == 0 else data
+        return data if not use_gather_object else [data]
 
 
 def _gather_together(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

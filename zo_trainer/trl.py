@@ -9,9 +9,7 @@ inside `training_step` / `_prepare_inputs`; `DPOTrainer` and `KTOTrainer` also r
 What their `compute_loss` logs counts once per batch: `num_tokens` as in a backprop run; `mean_token_accuracy`,
 `entropy` (SFT) and the rewards, accuracy and margin (reward) are those of the first probe forward: the
 unperturbed model with zo_estimator='forward' or zo_step_rule='newton', else θ + ε·z_1 (see
-`ZOTrainer.recorded_once_per_batch`). With zo_parallel='query' every process evaluates its queries on the
-gathered global batch, so SFT's `num_tokens` (gathered across processes inside `compute_loss`) reads the process
-count times the tokens; zo_parallel='data' counts them as a backprop run does.
+`ZOTrainer.recorded_once_per_batch`); with zo_parallel='query' too, where every process holds the global batch.
 """
 
 try:
