@@ -182,7 +182,8 @@ def test_without_trl_the_import_names_the_extra(monkeypatch):
 @pytest.mark.slow
 def test_zo_sft_on_two_processes_counts_tokens_as_one_process_on_the_global_batch(tmp_path):
     """Data- and query-parallel (every process evaluates its queries on the gathered global batch) log the tokens
-    of the global batch once, as one process does on it."""
+    of the global batch once, as one process does on it; the gradient probe, on the main process only, runs TRL's
+    compute_loss without its gather (which would wait forever for the other process) and records nothing."""
     import json
     import subprocess
     from pathlib import Path
@@ -191,7 +192,8 @@ def test_zo_sft_on_two_processes_counts_tokens_as_one_process_on_the_global_batc
     two = ["--config_file", str(root / "accelerate_configs" / "multi_cpu_2proc.yaml")]
     logs = {}
     for name, processes, flags in [("one", ["--num_processes", "1", "--cpu"], ["--batch", "4"]),
-                                   ("data", two, ["--parallel", "data"]), ("query", two, ["--parallel", "query"])]:
+                                   ("data", two, ["--parallel", "data", "--probe"]),
+                                   ("query", two, ["--parallel", "query"])]:
         out = tmp_path / name
         done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *processes,
                                str(root / "tests" / "distributed_sft.py"), "--out", str(out), *flags],

@@ -288,6 +288,29 @@ def _materialise(estimator, step: int, coefficients: torch.Tensor, params: list[
     return flat.float()
 
 
+class MetricsOfThisProcess:
+    """Forwards whose metrics must not be gathered across processes: the gradient probe (it runs on the main
+    process only, so a gather inside compute_loss, as TRL's token counts, would wait forever) and query-parallel
+    probes (each process already holds the global batch, which a gather would count once per process).
+    `gather_for_metrics` gives back this process's value, as on one process, and runs no collective."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def __enter__(self):
+        self.accelerator.gather_for_metrics = self._as_on_one_process
+        return self
+
+    def __exit__(self, *exc):
+        del self.accelerator.gather_for_metrics
+
+    @staticmethod
+    def _as_on_one_process(data, use_gather_object=False):
+        if torch.is_tensor(data):
+            return data[None] if data.dim() == 0 else data
+        return [data] if use_gather_object else data
+
+
 class GradientProbeCallback(TrainerCallback):
     """Log how the run's ZO estimate compares with backprop, every ``every_steps`` optimizer steps.
 
@@ -388,7 +411,8 @@ class GradientProbeCallback(TrainerCallback):
         rng = RngState(device)
 
         def loss_fn() -> torch.Tensor:
-            with trainer.recording_nothing(), trainer.compute_loss_context_manager():
+            with trainer.recording_nothing(), trainer.compute_loss_context_manager(), \
+                    MetricsOfThisProcess(trainer.accelerator):
                 return trainer.compute_loss(model, dict(batch))
 
         try:

@@ -27,7 +27,7 @@ from . import chunked_loss
 from .checkpointing import CheckpointSafety
 from .callbacks import BlockFreezeCallback, BlockReinitCallback, BlockSchedule, match_parameters, set_trainable
 from .config import ZOConfig, zo_config_class
-from .diagnostics import GradientProbeCallback
+from .diagnostics import GradientProbeCallback, MetricsOfThisProcess
 from .zo import PendingEstimate, Probe, ZOEstimator, ZOOptimizer
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
         def loss_fn(record=record_once, chunked=True) -> torch.Tensor:
             # a copy of the inputs: compute_loss pops "labels" for compute_loss_func
             chunks = chunked_loss.ChunkedLoss(forward_model, inputs["labels"]) if chunked else contextlib.nullcontext()
-            gathered = _MetricsOfTheGatheredBatch(self.accelerator) if self._query_parallel else contextlib.nullcontext()
+            gathered = MetricsOfThisProcess(self.accelerator) if self._query_parallel else contextlib.nullcontext()
             with record, self.compute_loss_context_manager(), chunks, gathered:
                 loss = self.compute_loss(forward_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             return loss / loss_divisor
@@ -456,28 +456,6 @@ class _RecordOnce:
         else:
             for name, value in self.kept.items():
                 setattr(self.owner, name, copy.deepcopy(value))
-
-
-class _MetricsOfTheGatheredBatch:
-    """Query-parallel: each process already holds the global batch, so metrics that a compute_loss gathers across
-    processes (TRL's token counts and accuracies) would count it once per process: `gather_for_metrics` gives back
-    this process's value (as on one process) for the probe forwards, and needs no collective."""
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-
-    def __enter__(self):
-        self.accelerator.gather_for_metrics = self._as_on_one_process
-        return self
-
-    def __exit__(self, *exc):
-        del self.accelerator.gather_for_metrics
-
-    @staticmethod
-    def _as_on_one_process(data, use_gather_object=False):
-        if torch.is_tensor(data):
-            return data[None] if data.dim() == 0 else data
-        return data if not use_gather_object else [data]
 
 
 def _gather_together(accelerator, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
