@@ -309,7 +309,7 @@ def test_probe_and_update_match_naive_spsa_on_tied_llama(at_once, monkeypatch):
     ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
-    assert estimator._whole == at_once
+    assert estimator._layout.whole == at_once
 
 
 def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypatch):
@@ -609,7 +609,7 @@ def test_probe_and_update_match_naive_spsa_on_other_architectures(name, at_once,
     ids = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z, eps=0.1)
     pinned = {n for n, p in model.named_parameters() if id(p) in estimator._pinned}
-    assert estimator._whole == at_once
+    assert estimator._layout.whole == at_once
     if name == "deberta":
         assert pinned == (set() if at_once else {"deberta.encoder.rel_embeddings.weight"})
 
@@ -655,7 +655,7 @@ def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_on
         assert len(calls) == (5 if step == 0 else 4)
     assert {n for n, p in named.items() if id(p) in estimator._pinned} == {"embed.weight", "mix.bias"}
     assert [r.getMessage().split(";")[0] for r in caplog.records] == ["read outside their module's forward: embed.weight, mix.bias"]
-    assert not estimator._whole and model.embed.weight is named["embed.weight"]
+    assert not estimator._layout.whole and model.embed.weight is named["embed.weight"]
 
 
 def test_the_arena_reuses_its_buffer_once_empty_and_refuses_what_does_not_fit():
@@ -695,7 +695,7 @@ def test_probes_restore_weights_exactly(dtype, distribution, at_once, monkeypatc
         optimizer.step()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert all(p.grad is None for p in model.parameters()) and estimator._whole == at_once
+    assert all(p.grad is None for p in model.parameters()) and estimator._layout.whole == at_once
 
 
 @pytest.mark.parametrize("at_once", [True, False])
@@ -712,7 +712,7 @@ def test_a_failing_forward_leaves_weights_untouched(llama, at_once, monkeypatch)
 
     with pytest.raises(RuntimeError, match="boom"):
         estimator.probe(exploding_loss, 0)
-    assert estimator._whole == at_once
+    assert estimator._layout.whole == at_once
     for n, p in llama.named_parameters():
         assert isinstance(llama.get_parameter(n), nn.Parameter)
         assert torch.equal(p, before[n])

@@ -131,13 +131,12 @@ class ZOEstimator:
         self._no_prefix: set[tuple] = set()  # trainable ids whose last batch had nothing to serve
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
-        self._arena: _CopyArena | None = None  # sized for the current trainable parameters by _owners
-        self._whole = False  # every perturbed copy fits in the arena at once (set by _owners)
-        self._owners_key: tuple | None = None  # device, ids and storage of the trainable parameters _owners_value was built for
-        self._owners_value: tuple[dict, dict, dict, list] = ({}, {}, {}, [])
         self._pinned: set[int] = set()  # ids of parameters read outside their module's forward: swapped in throughout
-        self._checked_key: tuple | None = None  # the _owners_key whose probe forward was watched for such reads
-        self._flat: dict[int, torch.Tensor] = {}  # id(p) -> flat view of p, for the trainable parameters of _owners_key
+        # what the probes perturb for the current set of trainable parameters, and what is learned about it (reset
+        # with each new layout by `_layout_for`)
+        self._layout: _Layout | None = None
+        self._arena: _CopyArena | None = None  # sized for the layout's perturbed copies
+        self._checked: _Layout | None = None  # the layout whose probe forward was watched for reads outside modules
         self._prepared: dict[tuple, object] = {}  # prepared draws: a probe's groups (_prepared_add), updates (_prepared_update)
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
@@ -231,7 +230,7 @@ class ZOEstimator:
             self._pinned.update(perturbation.read_unperturbed)
             logger.info("read outside their module's forward: %s; their perturbed copies are swapped in for the whole "
                         "probe forward", ", ".join(map(self.name_of, perturbation.read_unperturbed.values())))
-            self._owners_key = None  # the owners, the arena and the forward order are rebuilt without them
+            self._layout = None  # the layout, the arena and the forward order are rebuilt without them
 
     # ---------------------------------------------------------------------------------------- update
     def coefficients(self, projected_grads: torch.Tensor) -> torch.Tensor:
@@ -302,44 +301,18 @@ class ZOEstimator:
                 p.grad = torch.zeros_like(p)
         self.add_directions(step, coefficients, params, [p.grad for p in params])
 
-    def _owners(self, trainable) -> tuple[dict, dict, dict, list]:
-        """The modules that own trainable parameters (module -> [(local name, p)]), how many of them use a full
-        copy of each parameter (tied weights), the modules that perturb a large weight in pieces (module ->
-        "rows" or "blocks", see `_pieces`), and the pinned parameters, swapped in for the whole forward
-        ([(module, local name, p)], left out of the rest); and whether every copy fits in the arena at once
-        (`_whole`). Walked once per set of trainable parameters, not once per forward; a new set also resets the
-        guess of the forward order, sizes the arena of perturbed copies for it and takes the flat views the draws
-        read (the storage is in the key: ``p.data = ...`` gives p another)."""
+    def _layout_for(self, trainable) -> _Layout:
+        """The layout of ``trainable``, walked once per set of trainable parameters (the storage is in the key:
+        ``p.data = ...`` gives p another). A new one starts afresh what the estimator learns about it: the arena of
+        perturbed copies sized for it, the prepared draws and the guess of the forward order."""
         key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
-        if self._owners_key != key:
-            self._flat = {id(p): _flat_view(p) for _, p in trainable}
+        if self._layout is None or self._layout.key != key:
+            self._layout = _Layout.build(self.model, trainable, key, self._pinned, self._pieces)
+            self._arena = _CopyArena(self._layout.arena_bytes, trainable[0][1].device)
             self._prepared = {}
-            owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
-            pieces, pinned = {}, []
-            for module in self.model.modules():
-                for local_name, p in module.named_parameters(recurse=False):
-                    if id(p) in ids and id(p) in self._pinned:
-                        pinned.append((module, local_name, p))
-                    elif id(p) in ids:
-                        owned[module].append((local_name, p))
-                kind = self._pieces(module, owned[module]) if module in owned else None
-                if kind:
-                    pieces[module] = kind
-                elif module in owned:
-                    for _, p in owned[module]:
-                        users[id(p)] += 1
-            self._owners_key, self._owners_value = key, (dict(owned), dict(users), pieces, pinned)
-            self._forward_order = list(owned)  # until a probe forward records the real order
+            self._forward_order = list(self._layout.owned)  # until a probe forward records the real order
             self._enclosing = set()
-            sizes = [sum(p.numel() * p.element_size() for _, p in params)
-                     for module, params in owned.items() if module not in pieces]
-            largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
-            blocks = [_block_bytes(module.weight) for module, kind in pieces.items() if kind == "blocks"]
-            capacity = max([GROUP_BYTES + largest, *blocks])
-            footprint = sum(_CopyArena.footprint(p) for _, p in trainable)
-            self._whole = not pieces and footprint <= capacity
-            self._arena = _CopyArena(footprint if self._whole else capacity, trainable[0][1].device)
-        return self._owners_value
+        return self._layout
 
     def _prepared_add(self, params: list[nn.Parameter], flats: list[torch.Tensor]):
         """The sampler's prepared ``flats[i] = p_i + Σ scales·z`` (`DirectionSampler.prepare`) for flat views of the
@@ -349,7 +322,7 @@ class ZOEstimator:
             if len(self._prepared) >= _CopyArena.MAX_VIEWS:
                 self._prepared.clear()
             self._prepared[key] = self.sampler.prepare([self.name_of(p) for p in params],
-                                                       [self._flat[id(p)] for p in params], flats)
+                                                       [self._layout.flat[id(p)] for p in params], flats)
         return self._prepared[key]
 
     def _pieces(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> str | None:
@@ -392,7 +365,8 @@ class _Perturbation:
         self.trainable = trainable
 
     def __enter__(self):
-        self.owned, self.users, pieces, self.pinned = self.estimator._owners(self.trainable)
+        self.layout = layout = self.estimator._layout_for(self.trainable)
+        self.owned, self.users, pieces, self.pinned = layout.owned, layout.users, layout.pieces, layout.pinned
         # a forward set on the instance since (accelerate's hooks) is not the plain one: that module is copied whole
         self.pieces = {module: kind for module, kind in pieces.items() if "forward" not in vars(module)}
         if len(self.pieces) < len(pieces):
@@ -412,7 +386,7 @@ class _Perturbation:
         self.forwards = {}
         self.read_unperturbed: dict[int, nn.Parameter] = {}  # filled where this forward is watched (`_StoredReads`)
         self.watch = None
-        if self.estimator._whole:
+        if layout.whole:
             self._swap_in_everything()
             return self
         self._swap_in_pinned()
@@ -423,7 +397,7 @@ class _Perturbation:
                          for module, kind in self.pieces.items() if kind == "blocks"}
         for module, forward in self.forwards.items():
             module.forward = forward
-        if self.estimator._checked_key != self.estimator._owners_key:
+        if self.estimator._checked is not layout:
             self.watch = _StoredReads({id(p): p for params in self.owned.values() for _, p in params})
             self.watch.__enter__()
         return self
@@ -433,7 +407,7 @@ class _Perturbation:
             self.watch.__exit__(*exc)
             self.read_unperturbed = self.watch.found
             if not exc[0] and not self.read_unperturbed:
-                self.estimator._checked_key = self.estimator._owners_key
+                self.estimator._checked = self.layout
         for handle in self.handles:
             handle.remove()
         for module, params in self.owned.items():  # a forward that raised may have skipped a swap-out
@@ -553,7 +527,7 @@ class _Perturbation:
     def _stored(self, p: nn.Parameter) -> torch.Tensor:
         """The stored values of ``p``, read through the flat view taken with the owners (a read of ``p`` itself would
         count as an unperturbed read where the forward is watched)."""
-        return self.estimator._flat[id(p)].view(p.shape)
+        return self.layout.flat[id(p)].view(p.shape)
 
     def _take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor shaped like ``like`` for a large weight's pieces: from the arena where it fits
@@ -573,7 +547,7 @@ class _Perturbation:
 
     def _addition(self, p: nn.Parameter, flat_copy: torch.Tensor) -> Addition:
         """``flat_copy = p + δz``, read from the flat view of ``p`` taken once per set of trainable parameters."""
-        return Addition(self.estimator.name_of(p), p.shape, self.scales, self.estimator._flat[id(p)], flat_copy)
+        return Addition(self.estimator.name_of(p), p.shape, self.scales, self.layout.flat[id(p)], flat_copy)
 
     def _swap_out(self, module, args, output):
         if module not in self.running:  # a pre-hook before ours raised: nothing was swapped in
@@ -630,6 +604,47 @@ class _Perturbation:
             own = own + pooled
         if own:
             self.estimator.sampler.add_to(self.step, [self._addition(p, flat) for p, flat in own], check=False)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the probes perturb for one set of trainable parameters: built once per set (`ZOEstimator._layout_for`),
+    read by every probe forward of it."""
+
+    key: tuple  # the device, and the ids, dtypes and storage of the trainable parameters
+    owned: dict[nn.Module, list[tuple[str, nn.Parameter]]]  # module -> its trainable (local name, parameter)
+    users: dict[int, int]  # id(p) -> how many owning modules use a full copy of p (tied weights: more than one)
+    pieces: dict[nn.Module, str]  # modules that perturb a large weight in pieces: "rows" or "blocks" (`_pieces`)
+    pinned: list[tuple[nn.Module, str, nn.Parameter]]  # read outside their module: swapped in for the whole forward
+    flat: dict[int, torch.Tensor]  # id(p) -> the flat view of p that the draws read
+    whole: bool  # every perturbed copy fits in the arena at once: swapped in for the whole forward, no hooks
+    arena_bytes: int
+
+    @classmethod
+    def build(cls, model: nn.Module, trainable, key: tuple, pinned_ids: set[int], pieces_of) -> _Layout:
+        owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
+        pieces, pinned = {}, []
+        for module in model.modules():
+            for local_name, p in module.named_parameters(recurse=False):
+                if id(p) in ids and id(p) in pinned_ids:
+                    pinned.append((module, local_name, p))
+                elif id(p) in ids:
+                    owned[module].append((local_name, p))
+            kind = pieces_of(module, owned[module]) if module in owned else None
+            if kind:
+                pieces[module] = kind
+            elif module in owned:
+                for _, p in owned[module]:
+                    users[id(p)] += 1
+        sizes = [sum(p.numel() * p.element_size() for _, p in params)
+                 for module, params in owned.items() if module not in pieces]
+        largest = max([n for n in sizes if n <= OWN_ALLOCATION_BYTES], default=0)
+        blocks = [_block_bytes(module.weight) for module, kind in pieces.items() if kind == "blocks"]
+        capacity = max([GROUP_BYTES + largest, *blocks])
+        footprint = sum(_CopyArena.footprint(p) for _, p in trainable)
+        whole = not pieces and footprint <= capacity
+        return cls(key, dict(owned), dict(users), pieces, pinned, {id(p): _flat_view(p) for _, p in trainable}, whole,
+                   footprint if whole else capacity)
 
 
 class _CopyArena:
