@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .zo.spsa import RngState
+from .zo.rng import RngState
 
 try:  # the pure layer works without transformers; the callback needs it
     from transformers import TrainerCallback

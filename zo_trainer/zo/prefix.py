@@ -38,6 +38,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .rng import RngState
+
 logger = logging.getLogger(__name__)
 
 _ATOMS = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.memory_format, torch.layout)
@@ -70,23 +72,6 @@ def _versions(tensors: list[torch.Tensor]) -> list[int]:
     return [t._version for t in tensors]
 
 
-class _RngSnapshot:
-    """The global RNG state of the CPU and of ``device`` (dropout draws from both)."""
-
-    def __init__(self, device: torch.device | None):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.accel = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
-
-    def __eq__(self, other) -> bool:
-        return torch.equal(self.cpu, other.cpu) and (self.accel is None or torch.equal(self.accel, other.accel))
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accel is not None:
-            torch.cuda.set_rng_state(self.accel, self.device)
-
-
 AFTER_READ = "it had not returned by the first read of a trainable parameter"
 HOLDS_TRAINABLE = "it holds a trainable parameter"
 
@@ -102,12 +87,12 @@ class _Call:
     input_tensors: list[torch.Tensor]
     input_versions: list[int]
     buffers: list[tuple[int, int]]  # (id, version) of the module's buffers at entry
-    rng_before: _RngSnapshot
+    rng_before: RngState
     why_not: str | None  # why it is not served; None: served
     output: Any = None
     output_tensors: list[torch.Tensor] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)
-    rng_after: _RngSnapshot | None = None  # where the call drew random numbers
+    rng_after: RngState | None = None  # where the call drew random numbers
 
     def unchanged(self) -> bool:
         """No tensor this call holds was modified in place since it was recorded."""
@@ -159,7 +144,7 @@ class PrefixReuse:
     swapped in for the whole forward).
     """
 
-    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], device: torch.device | None):
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], device: torch.device):
         self.model = model
         self.device = device
         ids = {id(p) for p in trainable}
@@ -246,7 +231,7 @@ class _Recording:
         except TypeError as e:
             inputs, why_not = None, f"an input of type {e} cannot be compared between forwards"
         call = _Call(module, self.open[-1] if self.open else None, len(self.calls), inputs, tensors, _versions(tensors),
-                     [(id(b), b._version) for b in module.buffers()], _RngSnapshot(self.reuse.device), why_not)
+                     [(id(b), b._version) for b in module.buffers()], RngState(self.reuse.device), why_not)
         self.calls.append(call)
         self.open.append(call)
 
@@ -259,7 +244,7 @@ class _Recording:
         call.why_not = self._why_not(call, module, output)
         if call.why_not is None:
             call.output, call.output_versions = output, _versions(call.output_tensors)
-            rng = _RngSnapshot(self.reuse.device)
+            rng = RngState(self.reuse.device)
             call.rng_after = None if rng == call.rng_before else rng
             del self.calls[call.position + 1 :]  # nested in it: they do not run when it is served
         return None
@@ -314,7 +299,7 @@ class _Serving:
             self._stop(f"{self.reuse.name_of(module)}'s recorded input or output was modified in place")
         elif not call.matches(args, kwargs):
             self._stop(f"{self.reuse.name_of(module)} got other inputs than in the batch's first forward")
-        elif call.rng_after is not None and _RngSnapshot(self.reuse.device) != call.rng_before:
+        elif call.rng_after is not None and RngState(self.reuse.device) != call.rng_before:
             self._stop(f"{self.reuse.name_of(module)} draws random numbers from another RNG state than in the first forward")
         else:
             if call.rng_after is not None:

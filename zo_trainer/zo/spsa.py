@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 from .directions import Addition, DirectionSampler
 from .prefix import PrefixReuse
+from .rng import RngState
 
 logger = logging.getLogger(__name__)
 
@@ -717,21 +718,6 @@ class _StoredReads(TorchFunctionMode):
                 if isinstance(leaf, nn.Parameter) and self.params.get(id(leaf)) is leaf:
                     self.found[id(leaf)] = leaf
         return out
-
-
-class RngState:
-    """Snapshot of the global RNG (dropout) of ``device``: restored before each probe forward, so every probe sees
-    the same dropout masks, and after the gradient probe, so a run's trajectory does not depend on it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accel is not None:
-            torch.cuda.set_rng_state(self.accel, self.device)
 
 
 def _refuse_sharded(named: list[tuple[str, torch.Tensor]]) -> None:
