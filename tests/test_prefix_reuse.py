@@ -117,7 +117,7 @@ def test_the_log_names_what_is_computed_once(caplog):
     model = tiny_llama(layers=2, use_cache=False)
     train_only(model, "model.layers.1.mlp.")
     batch = torch.randint(0, 256, (2, 16))
-    with caplog.at_level(logging.INFO, logger="zo_trainer.zo.spsa"):
+    with caplog.at_level(logging.INFO, logger="zo_trainer.zo.prefix"):
         ZOEstimator(model, num_queries=1).probe(lambda: model(input_ids=batch, labels=batch).loss, 0)
     served = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1.input_layernorm",
               "model.layers.1.self_attn", "model.layers.1.post_attention_layernorm"]
@@ -133,6 +133,38 @@ def test_a_whole_model_that_trains_is_recorded_once_and_then_left_alone():
     model.model.layers[0].register_forward_pre_hook(lambda module, args: hooks.append(len(module._forward_pre_hooks)))
     estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, 1)
     assert hooks == [1, 1]  # no recording hooks of its own beside this one: the embedding reads a trainable weight
+
+
+def test_later_batches_watch_only_the_served_calls():
+    model = tiny_llama(layers=2, use_cache=False)
+    train_only(model, "model.layers.1.mlp.")
+    batch = torch.randint(0, 256, (2, 16))
+    estimator = ZOEstimator(model, num_queries=1)
+    estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, 0)
+    hooks = {name: [] for name in ("model.layers.0", "model.layers.0.mlp")}
+    for name, seen in hooks.items():
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, seen=seen: seen.append(len(module._forward_pre_hooks)))
+    estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, 1)
+    # the served layer is watched in the batch's first forward, and the layer's MLP (inside it) is not
+    assert hooks == {"model.layers.0": [2, 1], "model.layers.0.mlp": [1]}
+
+
+def test_a_served_call_that_turns_unsafe_runs_again_and_the_next_batch_watches_every_call(caplog):
+    def run(reuse):
+        model = Stack(nn.Sequential(nn.BatchNorm1d(16), nn.ReLU())).eval()
+        estimator = ZOEstimator(model, num_queries=2, seed=1, reuse_prefix=reuse)
+        out = [estimator.probe(lambda: model(X), 0)]
+        model.train()  # batch norm now updates its running statistics at each forward: a side effect
+        out += [estimator.probe(lambda: model(X), step) for step in (1, 2)]
+        return out, model.prefix[0].running_mean
+
+    with caplog.at_level(logging.INFO, logger="zo_trainer.zo.prefix"):
+        (reused, running_mean) = run(True)
+    assert "prefix runs at every probe: it changed one of its buffers" in caplog.text
+    reference, reference_mean = run(False)
+    assert_same_probes(reused, reference)
+    assert torch.equal(running_mean, reference_mean)
 
 
 class Stack(nn.Module):
@@ -203,7 +235,7 @@ X = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     ids=["buffer-side-effect", "in-place-input", "object-input", "output-modified-later"],
 )
 def test_what_cannot_be_proven_safe_runs_at_every_probe_and_says_why(build, why, caplog):
-    with caplog.at_level(logging.INFO, logger="zo_trainer.zo.spsa"):
+    with caplog.at_level(logging.INFO, logger="zo_trainer.zo.prefix"):
         reused = probes(build(), lambda: X, True)
     assert f"prefix runs at every probe: {why}" in caplog.text
     assert_same_probes(reused, probes(build(), lambda: X, False))

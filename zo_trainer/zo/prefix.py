@@ -16,6 +16,10 @@ outputs to the batch's other forwards, in place of running them:
   and no tensor the record holds was modified in place since (checked after every forward too). Where a check
   fails the module runs as usual and reuse stops for the batch, with a log line saying why; so probe losses, and
   the weights, are bitwise those of a run without reuse.
+* **what is recorded again**: the first batch of a set of trainable parameters watches every module call, which
+  costs more than a small model's forward; the served calls found there are kept (the plan), and each later batch
+  watches only those calls (with the same checks, a read of a trainable parameter inside them ruling them out).
+  Where that serves less than the plan, the next batch watches every call again.
 * **what it cannot see**: Python attributes a module's forward sets on itself and generators other than the
   global one. Modules with such side effects in the prefix are not reused safely: turn reuse off
   (``ZOEstimator(reuse_prefix=False)``, ``ZOConfig.zo_reuse_prefix``). Hooks on a module inside a served call do
@@ -27,6 +31,7 @@ Memory: the outputs of the served calls stay alive for the batch's probes: one b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import Counter
@@ -36,7 +41,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from .rng import RngState
 
@@ -120,28 +124,44 @@ def _ancestors(call: _Call):
         yield call
 
 
+def _reads(obj, watched: set[int]) -> bool:
+    """Whether ``obj`` (a torch function's arguments) holds one of the tensors whose ids are ``watched``."""
+    if isinstance(obj, torch.Tensor):
+        return id(obj) in watched
+    if isinstance(obj, (tuple, list)):
+        return any(_reads(item, watched) for item in obj)
+    if isinstance(obj, dict):
+        return any(_reads(item, watched) for item in obj.values())
+    return False
+
+
+def _holds_tensor(obj) -> bool:
+    return isinstance(obj, torch.Tensor) or (isinstance(obj, (tuple, list)) and any(map(_holds_tensor, obj)))
+
+
 class _FirstRead(TorchFunctionMode):
     """Sets ``done`` at the first torch function that reads one of ``watched`` (ids of trainable parameters and of
-    their perturbed copies) and returns a tensor: metadata (a dtype, a shape) carries no perturbation."""
+    their perturbed copies) and returns a tensor: metadata (a dtype, a shape) carries no perturbation. It runs at
+    every torch function of the watched span, so it is kept to a few type checks."""
 
     def __init__(self, watched: set[int]):
         super().__init__()
         self.watched, self.done = watched, False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.done and any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(out)):
-            self.done = any(isinstance(leaf, torch.Tensor) and id(leaf) in self.watched
-                            for leaf in tree_leaves((args, kwargs)))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.done and _holds_tensor(out):
+            self.done = _reads(args, self.watched) or _reads(kwargs, self.watched)
         return out
 
 
 class PrefixReuse:
-    """Records the prefix of one batch's first probe forward and serves it to the batch's other forwards.
+    """Records the prefix of each batch's first probe forward and serves it to the batch's other forwards.
 
-    One instance per batch: ``with reuse.forward(perturbed): loss_fn()`` around each forward of the batch, where
-    ``perturbed`` holds the ids of the tensors that carry the perturbation (the trainable parameters and the copies
-    swapped in for the whole forward).
+    One instance per set of trainable parameters: ``with reuse.batch():`` around a batch's probe forwards and
+    ``with reuse.forward(perturbed): loss_fn()`` around each, where ``perturbed`` holds the ids of the tensors that
+    carry the perturbation (the trainable parameters and the copies swapped in for the whole forward).
     """
 
     def __init__(self, model: nn.Module, trainable: list[nn.Parameter], device: torch.device):
@@ -150,13 +170,33 @@ class PrefixReuse:
         ids = {id(p) for p in trainable}
         self.owners = {m for m in model.modules() if any(id(p) in ids for p in m.parameters(recurse=False))}
         self.holds_trainable = {m for m in model.modules() if any(id(p) in ids for p in m.parameters())}
-        self.served: dict[nn.Module, list[_Call]] | None = None  # module -> its served calls, once recorded
+        # module -> its number of calls, served in the last batch that watched every call; None: watch every call
+        self.plan: dict[nn.Module, int] | None = None
+        self.served: dict[nn.Module, list[_Call]] | None = None  # module -> this batch's served calls, once recorded
         self.refused: dict[str, str] = {}  # module name -> why its calls run at every probe
         self.why_stopped: str | None = None  # why serving stopped for this batch
+        self.logged: str | None = None  # the last summary logged
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Context of one batch's probe forwards; the outputs kept for it are freed when it ends."""
+        self.served, self.refused, self.why_stopped = None, {}, None
+        try:
+            yield self
+        finally:
+            if self.served is not None and self.summary() != self.logged:
+                self.logged = self.summary()
+                if self.num_served or self.refused:
+                    logger.info(self.logged)
+            self.served = None
 
     def forward(self, perturbed: set[int]):
         """Context of one probe forward: the batch's first records, the others are served."""
-        return _Recording(self, perturbed) if self.served is None else _Serving(self)
+        if self.served is not None:
+            return _Serving(self)
+        if self.plan == {}:  # nothing was served (the whole model trains): watching again would cost for nothing
+            return contextlib.nullcontext()
+        return _Recording(self, perturbed)
 
     @property
     def num_served(self) -> int:
@@ -193,32 +233,50 @@ class PrefixReuse:
         for calls_ in self.served.values():
             for call in calls_:
                 call.parent = None  # the calls around it, and what they read, are freed with the recording
+        counts = {module: len(calls_) for module, calls_ in self.served.items()}
+        # a batch that served less than the plan has the next one watch every call again
+        self.plan = counts if self.plan is None or counts == self.plan else None
 
 
 class _Recording:
-    """The batch's first forward, run as usual, with hooks on every module recording the calls of the prefix."""
+    """The batch's first forward, run as usual, with hooks recording the calls of the prefix: on every module, or,
+    once a plan exists, on the planned modules only (and a pre-hook on the modules owning trainable parameters,
+    which end the prefix), with the first-read watch running only inside the planned calls."""
 
     def __init__(self, reuse: PrefixReuse, perturbed: set[int]):
         self.reuse = reuse
         self.calls: list[_Call] = []
         self.open: list[_Call] = []
         self.read = _FirstRead(perturbed)  # done: the first read of a trainable parameter happened
+        self.watching_all = reuse.plan is None
+        self.watch_entered = False
 
     def __enter__(self):
-        modules = list(self.reuse.model.modules())
+        modules = list(self.reuse.model.modules()) if self.watching_all else list(self.reuse.plan)
         self.handles = [m.register_forward_pre_hook(self._enter, with_kwargs=True) for m in modules]
         # prepended: this hook sees the output of forward itself, which a served call stands in for
         self.handles += [m.register_forward_hook(self._exit, with_kwargs=True, always_call=True, prepend=True)
                          for m in modules]
-        self.read.__enter__()
+        if self.watching_all:
+            self._watch(True)
+        else:
+            self.handles += [m.register_forward_pre_hook(self._end_prefix) for m in self.reuse.owners]
         return self
 
     def __exit__(self, *exc):
-        self.read.__exit__(*exc)
+        self._watch(False)
         for handle in self.handles:
             handle.remove()
         if exc[0] is None:
             self.reuse._finish_recording(self.calls)
+
+    def _watch(self, on: bool) -> None:
+        if on != self.watch_entered:
+            self.read.__enter__() if on else self.read.__exit__(None, None, None)
+            self.watch_entered = on
+
+    def _end_prefix(self, module, args):
+        self.read.done = True
 
     def _enter(self, module, args, kwargs):
         if module in self.reuse.owners:
@@ -234,11 +292,14 @@ class _Recording:
                      [(id(b), b._version) for b in module.buffers()], RngState(self.reuse.device), why_not)
         self.calls.append(call)
         self.open.append(call)
+        self._watch(True)
 
     def _exit(self, module, args, kwargs, output):
         if not self.open or self.open[-1].module is not module:
             return None  # entered after the first read
         call = self.open.pop()
+        if not self.open and not self.watching_all:
+            self._watch(False)
         if self.read.done or call.why_not != AFTER_READ:
             return None
         call.why_not = self._why_not(call, module, output)

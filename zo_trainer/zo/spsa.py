@@ -128,8 +128,7 @@ class ZOEstimator:
         self.reduction = reduction
         self.curvature = curvature  # one more forward per probe: the unperturbed loss L0
         self.reuse_prefix = reuse_prefix  # what runs before the first trainable parameter runs once per batch
-        self._prefix_logged: dict[tuple, str] = {}  # trainable ids -> the last prefix-reuse summary logged
-        self._no_prefix: set[tuple] = set()  # trainable ids whose last batch had nothing to serve
+        self._prefixes: dict[tuple, PrefixReuse] = {}  # trainable ids -> its prefix reuse (kept: its plan)
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._pinned: set[int] = set()  # ids of parameters read outside their module's forward: swapped in throughout
@@ -161,17 +160,16 @@ class ZOEstimator:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
         _refuse_sharded(trainable)
         rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
-        prefix = self._prefix_reuse(trainable)
-        losses = []
         with_base = self.estimator == "forward" or self.curvature
-        if with_base:
-            with prefix.forward({id(p) for _, p in trainable}) if prefix else contextlib.nullcontext():
-                losses.append(_scalar(loss_fn()))
-        for k in queries:
-            for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
-                losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign, prefix))
-        if prefix:
-            self._log_prefix(trainable, prefix)
+        prefix = self._prefix_reuse(trainable)
+        with prefix.batch() if prefix else contextlib.nullcontext():
+            losses = []
+            if with_base:
+                with prefix.forward({id(p) for _, p in trainable}) if prefix else contextlib.nullcontext():
+                    losses.append(_scalar(loss_fn()))
+            for k in queries:
+                for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
+                    losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign, prefix))
         losses = torch.stack(losses)
         projected = torch.zeros(self.num_queries, dtype=torch.float64, device=losses.device)
         curvatures = None
@@ -197,23 +195,16 @@ class ZOEstimator:
         return _Perturbation(self, trainable, step, query, sign * self.eps)
 
     def _prefix_reuse(self, trainable) -> PrefixReuse | None:
-        """This batch's `PrefixReuse`; None where reuse is off, or where the last batch of these trainable parameters
-        had nothing to serve (the whole model trains): recording it again would cost hooks for nothing."""
-        if not self.reuse_prefix or tuple(id(p) for _, p in trainable) in self._no_prefix:
+        """The `PrefixReuse` of these trainable parameters (None where reuse is off), kept across batches for what
+        it learned about which calls are served."""
+        if not self.reuse_prefix:
             return None
-        return PrefixReuse(self.model, [p for _, p in trainable], trainable[0][1].device)
-
-    def _log_prefix(self, trainable, prefix: PrefixReuse) -> None:
-        """Logs what is served for a set of trainable parameters when it first differs from the last batch's."""
-        key, summary = tuple(id(p) for _, p in trainable), prefix.summary()
-        if not prefix.num_served:
-            self._no_prefix.add(key)
-        if self._prefix_logged.get(key) != summary:
-            if len(self._prefix_logged) >= _CopyArena.MAX_VIEWS:
-                self._prefix_logged.clear()
-            self._prefix_logged[key] = summary
-            if prefix.num_served or prefix.refused:
-                logger.info(summary)
+        key = tuple(id(p) for _, p in trainable)
+        if key not in self._prefixes:
+            if len(self._prefixes) >= _CopyArena.MAX_VIEWS:
+                self._prefixes.clear()
+            self._prefixes[key] = PrefixReuse(self.model, [p for _, p in trainable], trainable[0][1].device)
+        return self._prefixes[key]
 
     def _perturbed_loss(self, loss_fn, rng: RngState, trainable, step: int, query: int, sign: float,
                         prefix: PrefixReuse | None = None) -> torch.Tensor:
