@@ -60,6 +60,17 @@ class DirectionSampler:
     costs r² random numbers instead of mn. The direction is built whole (one tensor-sized temporary).
     """
 
+    @staticmethod
+    def check_settings(distribution: str = "gaussian", correlation: float = 0.0, rank: int = 4,
+                       refresh_steps: int = 100) -> None:
+        """Raises ValueError naming the first setting the sampler refuses."""
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution={distribution!r} is not supported; choose one of {list(DISTRIBUTIONS)}")
+        if not -1.0 < correlation < 1.0:
+            raise ValueError(f"correlation={correlation} must lie in the open interval (-1, 1)")
+        if rank < 1 or refresh_steps < 1:
+            raise ValueError(f"rank={rank} and refresh_steps={refresh_steps} must be >= 1")
+
     def __init__(
         self,
         distribution: str = "gaussian",
@@ -68,12 +79,7 @@ class DirectionSampler:
         rank: int = 4,
         refresh_steps: int = 100,
     ):
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution={distribution!r} is not supported; choose one of {list(DISTRIBUTIONS)}")
-        if not -1.0 < correlation < 1.0:
-            raise ValueError(f"correlation={correlation} must lie in the open interval (-1, 1)")
-        if rank < 1 or refresh_steps < 1:
-            raise ValueError(f"rank={rank} and refresh_steps={refresh_steps} must be >= 1")
+        self.check_settings(distribution, correlation, rank, refresh_steps)
         self.distribution = distribution
         self.correlation = float(correlation)
         self.seed = int(seed)

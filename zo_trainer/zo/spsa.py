@@ -103,16 +103,8 @@ class ZOEstimator:
         curvature: bool = False,
         reuse_prefix: bool = True,
     ):
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps={eps!r} must be a finite number > 0")
-        if not (isinstance(num_queries, int) and num_queries >= 1):
-            raise ValueError(f"num_queries={num_queries!r} must be an integer >= 1")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r} is not supported; choose one of {ESTIMATORS}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={reduction!r} is not supported; choose one of {REDUCTIONS}")
-        if curvature and estimator != "central":
-            raise ValueError(f"curvature=True needs the central estimator (L+ and L− about L0), got estimator={estimator!r}")
+        self.check_settings(eps, num_queries, estimator, reduction, distribution, correlation, lowrank_rank,
+                            lowrank_refresh_steps, curvature)
         compiled = [name or "the model" for name, m in model.named_modules()
                     if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None]
         if compiled:
@@ -140,6 +132,26 @@ class ZOEstimator:
         self._prepared: dict[tuple, object] = {}  # prepared draws: a probe's groups (_prepared_add), updates (_prepared_update)
         self._forward_order: list[nn.Module] = []  # owning modules in the order the last probe forward ran them
         self._enclosing: set[nn.Module] = set()  # owners whose forward was seen to run other owners'
+
+
+    @staticmethod
+    def check_settings(eps: float = 1e-3, num_queries: int = 1, estimator: str = "central", reduction: str = "mean",
+                       distribution: str = "gaussian", correlation: float = 0.0, lowrank_rank: int = 4,
+                       lowrank_refresh_steps: int = 100, curvature: bool = False, **_) -> None:
+        """Raises ValueError naming the first setting the estimator refuses (the constructor's checks, without a
+        model: `ZOConfig` runs them before any work, in its own terms); the settings not checked (seed, reuse_prefix) are
+        taken and ignored, so the constructor's keyword arguments can be passed as they are."""
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps={eps!r} must be a finite number > 0")
+        if not (isinstance(num_queries, int) and num_queries >= 1):
+            raise ValueError(f"num_queries={num_queries!r} must be an integer >= 1")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} is not supported; choose one of {ESTIMATORS}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is not supported; choose one of {REDUCTIONS}")
+        if curvature and estimator != "central":
+            raise ValueError(f"curvature=True needs the central estimator (L+ and L− about L0), got estimator={estimator!r}")
+        DirectionSampler.check_settings(distribution, correlation, lowrank_rank, lowrank_refresh_steps)
 
     # ----------------------------------------------------------------------------------------- probe
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
