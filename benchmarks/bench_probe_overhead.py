@@ -9,7 +9,7 @@ median and the minimum over --repeats after a warm-up:
 * ``forward``: a plain no-grad forward with the loss;
 * ``probe, copies only``: the same forward under `ZOEstimator.perturbed` with a sampler that copies p
   instead of drawing z: the cost of the hooks and of writing the perturbed copies;
-* ``probe, module by module``: the same probe with ``spsa.GROUP_BYTES = 0``, one kernel call per
+* ``probe, module by module``: the same probe with ``perturbation.GROUP_BYTES = 0``, one kernel call per
   module that owns parameters, as before copies were drawn in groups;
 * ``probe``: one real probe forward (draws z and writes p + εz, Gaussian, a group of modules per call);
 * ``update``: `ZOEstimator.apply_update` for one query (redraws z over every parameter, in place);
@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench_zo_step import DEVICE, build
-from zo_trainer.zo import DirectionSampler, ZOEstimator, kernels, spsa
+from zo_trainer.zo import DirectionSampler, ZOEstimator, kernels, perturbation
 
 
 class CopyOnlySampler(DirectionSampler):
@@ -53,18 +53,18 @@ class CopyOnlySampler(DirectionSampler):
 def group_draws(probe) -> int:
     """How many draws of a group of copies ``probe()`` makes (one kernel call each; one for all the copies where
     they fit in the arena at once)."""
-    calls, draw = [], spsa._Perturbation._draw
-    spsa._Perturbation._draw = lambda self, pooled, own: calls.append(len(pooled)) or draw(self, pooled, own)
+    calls, draw = [], perturbation.Perturbation.draw
+    perturbation.Perturbation.draw = lambda self, pooled, own: calls.append(len(pooled)) or draw(self, pooled, own)
     try:
         probe()
     finally:
-        spsa._Perturbation._draw = draw
+        perturbation.Perturbation.draw = draw
     return len(calls)
 
 
 PROBE_DRAWS = {  # what a probe draws, and the function that draws it (each makes one kernel call)
-    "copies, all at once": (spsa._Perturbation, "_swap_in_everything"),
-    "groups of copies": (spsa._Perturbation, "_draw_group"),
+    "copies, all at once": (perturbation._WholeModel, "install"),
+    "groups of copies": (perturbation._GroupedCopies, "draw_group"),
     "blocks of the LM head": (DirectionSampler, "add_row_block"),
     "embedding rows": (DirectionSampler, "add_rows"),
 }
@@ -127,15 +127,15 @@ def main() -> None:
     steps = iter(range(10**9))
 
     @torch.no_grad()
-    def forward(estimator=None, group_bytes=spsa.GROUP_BYTES):
+    def forward(estimator=None, group_bytes=perturbation.GROUP_BYTES):
         if estimator is None:
             return loss_fn()
-        default, spsa.GROUP_BYTES = spsa.GROUP_BYTES, group_bytes
+        default, perturbation.GROUP_BYTES = perturbation.GROUP_BYTES, group_bytes
         try:
             with estimator.perturbed(trainable, next(steps), 0, +1.0):  # p + εz
                 return loss_fn()
         finally:
-            spsa.GROUP_BYTES = default
+            perturbation.GROUP_BYTES = default
 
     kinds = {
         "forward": forward,

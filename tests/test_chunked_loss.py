@@ -12,7 +12,7 @@ import torch
 
 from zo_trainer import chunked_loss
 from zo_trainer.chunked_loss import ChunkedLoss, check
-from zo_trainer.zo import ZOEstimator, spsa
+from zo_trainer.zo import ZOEstimator, perturbation as swaps
 
 from conftest import random_token_dataset, tiny_llama
 
@@ -81,10 +81,10 @@ def test_the_chunked_loss_sees_the_perturbed_head(path, monkeypatch):
     once; module by module; a large head multiplied by its perturbed weight in blocks, called once per chunk)."""
     monkeypatch.setattr(chunked_loss, "CHUNK_LOGITS_BYTES", 16 * 256 * 4)
     if path != "whole":
-        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+        monkeypatch.setattr(swaps, "GROUP_BYTES", 0)
     if path == "blocks":
-        monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 1024)
-        monkeypatch.setattr(spsa, "BLOCK_BYTES", 16 * 1024)
+        monkeypatch.setattr(swaps, "LARGE_WEIGHT_BYTES", 1024)
+        monkeypatch.setattr(swaps, "BLOCK_BYTES", 16 * 1024)
     model = tiny_llama(use_cache=False, tie_word_embeddings=False)
     ids, labels = batch()
     estimator = ZOEstimator(model, eps=1e-2, seed=3, reuse_prefix=False)
@@ -96,7 +96,7 @@ def test_the_chunked_loss_sees_the_perturbed_head(path, monkeypatch):
         with estimator.perturbed(trainable, 0, 0, 1.0) as perturbation:
             with ChunkedLoss(model, labels):
                 chunked = model(input_ids=ids, labels=labels).loss
-    assert (path == "blocks") == (perturbation.pieces.get(model.lm_head) == "blocks")
+    assert (path == "blocks") == (perturbation.layout.pieces.get(model.lm_head) == "blocks")
     assert chunked.item() == pytest.approx(own.item(), rel=1e-6)
     assert abs(own.item() - unperturbed.item()) > 1e-4  # the perturbation shows in the loss
     assert "forward" not in vars(model.lm_head)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.func import functional_call
 
 from zo_trainer.zo import ZOSGD, Addition, DirectionSampler, ZOEstimator, direction_seed
-from zo_trainer.zo import kernels, philox, spsa
+from zo_trainer.zo import kernels, perturbation, philox, spsa
 
 from conftest import tiny_llama
 
@@ -304,12 +304,12 @@ def assert_probe_and_update_match_naive_spsa(model, ids, direction, eps=1e-2, lr
 def test_probe_and_update_match_naive_spsa_on_tied_llama(at_once, monkeypatch):
     """Copies swapped in for the whole forward, or by hooks (the tied copy kept from the embedding to the head)."""
     if not at_once:
-        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+        monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)
     model = tiny_llama(vocab_size=5000, hidden=256, layers=1)  # tied 1.28M-entry embedding
     ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
-    assert estimator._layout.whole == at_once
+    assert estimator._workspace.layout.whole == at_once
 
 
 def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypatch):
@@ -335,12 +335,12 @@ def test_copies_drawn_at_once_in_groups_and_module_by_module_are_equal(monkeypat
     estimator.probe(loss_fn, 0)
     assert set(seen) == {(False, False)}
     weights, count = sum(p.numel() * p.element_size() for p in model.parameters()), len(list(model.parameters()))
-    assert weights <= estimator._arena.buffer.numel() < weights + 64 * count  # sized for the copies, no more
+    assert weights <= estimator._workspace.arena.buffer.numel() < weights + 64 * count  # sized for the copies, no more
     seen.clear()
-    monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)  # the arena holds 100 KiB + one layer's MLP: groups
+    monkeypatch.setattr(perturbation, "GROUP_BYTES", 100 * 1024)  # the arena holds 100 KiB + one layer's MLP: groups
     grouped = probes()
     assert set(seen) == {(True, True)}
-    monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # one module per draw
+    monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)  # one module per draw
     alone = probes()
     for a, b, c in zip(at_once, grouped, alone):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -357,8 +357,8 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     restored after the probe, also after a forward that raised."""
     model = tiny_llama(layers=2, pad_token_id=255, tie_word_embeddings=tied)  # beyond the rows a batch looks up
     embedding = model.model.embed_tokens
-    assert not ZOEstimator(model)._pieces(embedding, [("weight", embedding.weight)])  # 64 KiB: copied whole
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)  # the tiny table counts as large
+    assert not perturbation.pieces_of(embedding, [("weight", embedding.weight)], ZOEstimator(model).sampler)  # 64 KiB: copied whole
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 0)  # the tiny table counts as large
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     ids[0, :4] = 255  # padding tokens are looked up like any other in a forward
     loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
@@ -368,12 +368,12 @@ def test_embeddings_looking_up_perturbed_rows_equal_full_perturbed_copies(distri
     rows = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     assert len(looked_up) == 2 * 2 * queries and all(len(r) == len(torch.unique(ids)) for r in looked_up)
     assert embedding.padding_idx == 255 and embedding.weight is model.get_parameter("model.embed_tokens.weight")
-    pieces = ZOEstimator._pieces
-    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    pieces = spsa.pieces_of
+    monkeypatch.setattr(spsa, "pieces_of", lambda module, params, sampler: None)
     full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     for a, b in zip(rows, full):
         assert torch.equal(a, b)
-    monkeypatch.setattr(ZOEstimator, "_pieces", pieces)
+    monkeypatch.setattr(spsa, "pieces_of", pieces)
     by_keyword = lambda: model(inputs_embeds=embedding(input=ids), labels=ids).loss  # noqa: E731  # whole table
     assert torch.equal(ZOEstimator(model, **settings).probe(by_keyword, 0).losses, full[0])
     for bad in (torch.tensor([[0, 256]]), torch.tensor([[-1, 0]])):  # the lookup's own error, not memory past the table
@@ -410,32 +410,32 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
     settings = dict(eps=1e-3, num_queries=2, seed=5, distribution=distribution, correlation=correlation)
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the head (and the embedding) count as large
-    monkeypatch.setattr(spsa, "BLOCK_BYTES", 50 * 64 * 4)  # 256 rows: 6 blocks, 43 rows rounded up to 48
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the head (and the embedding) count as large
+    monkeypatch.setattr(perturbation, "BLOCK_BYTES", 50 * 64 * 4)  # 256 rows: 6 blocks, 43 rows rounded up to 48
     drawn, add_row_block = [], DirectionSampler.add_row_block
     monkeypatch.setattr(DirectionSampler, "add_row_block",
                         lambda self, *a: drawn.append((a[3], len(a[4]))) or add_row_block(self, *a))
-    assert ZOEstimator(model)._pieces(model.lm_head, [("weight", model.lm_head.weight)]) == "blocks"
+    assert perturbation.pieces_of(model.lm_head, [("weight", model.lm_head.weight)], ZOEstimator(model).sampler) == "blocks"
     blocks = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     assert drawn[:6] == [(start, 48) for start in range(0, 240, 48)] + [(240, 16)] and len(drawn) == 6 * 2 * 2 * 2
     assert "forward" not in vars(model.lm_head)
-    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    monkeypatch.setattr(spsa, "pieces_of", lambda module, params, sampler: None)
     full = [ZOEstimator(model, **settings).probe(loss_fn, step).losses for step in range(2)]
     for a, b in zip(blocks, full):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
         assert not torch.equal(a[0::2], a[1::2])  # the probes did perturb
     monkeypatch.undo()
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 60 * 1024)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)(loss_fn)()  # noqa: E731
     drawn.clear()
     monkeypatch.setattr(DirectionSampler, "add_row_block",
                         lambda self, *a: drawn.append((a[3], len(a[4]))) or add_row_block(self, *a))
     with_autocast = ZOEstimator(model, **settings).probe(autocast, 0).losses
     assert drawn == []  # no blocks under autocast: the head ran its own forward on a copy
-    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    monkeypatch.setattr(spsa, "pieces_of", lambda module, params, sampler: None)
     assert torch.equal(with_autocast, ZOEstimator(model, **settings).probe(autocast, 0).losses)  # both on a copy
     monkeypatch.undo()
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 60 * 1024)
     estimator, hidden = ZOEstimator(model, **settings), torch.randn(3, 64, requires_grad=True)
     with estimator.perturbed(estimator.trainable(), 0, 0, 1e-3):
         with torch.enable_grad():
@@ -449,7 +449,7 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
     def assert_restored():
         assert "forward" not in vars(model.lm_head) and model.model.embed_tokens.padding_idx is None
         assert all(isinstance(p, nn.Parameter) and torch.equal(p, weights[name]) for name, p in model.named_parameters())
-        assert estimator._arena.live == 0 and estimator._arena.offset == 0
+        assert estimator._workspace.arena.live == 0 and estimator._workspace.arena.offset == 0
 
     def raise_in_a_block(*_):
         raise RuntimeError("in a block")
@@ -460,7 +460,7 @@ def test_linear_layers_multiplying_perturbed_blocks_equal_full_perturbed_copies(
         estimator.probe(loss_fn, 0)
     assert_restored()
     monkeypatch.undo()
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 60 * 1024)
     model.model.norm.register_forward_pre_hook(lambda *_: 1 / 0)  # before ours: the norm's swap-in never runs
     with pytest.raises(ZeroDivisionError), warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -473,24 +473,24 @@ def test_blocks_of_a_linear_layer_with_a_bias_and_a_forward_set_on_it(monkeypatc
     """A trainable bias is perturbed with its weight; a layer given a forward of its own after the first probe
     (accelerate's hooks do that) is copied whole from then on, and its forward is kept."""
     model, ids = WideHeadWithBias(), torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)
-    monkeypatch.setattr(spsa, "BLOCK_BYTES", 100 * 32 * 4)  # 300 rows: blocks of 112, 112 and 76 rows
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(perturbation, "BLOCK_BYTES", 100 * 32 * 4)  # 300 rows: blocks of 112, 112 and 76 rows
     blocks = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
     def own_forward(x):
         return nn.Linear.forward(model.head, x)
     model.head.forward = own_forward
     hooked = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
     assert model.head.forward is own_forward
-    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    monkeypatch.setattr(spsa, "pieces_of", lambda module, params, sampler: None)
     full = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
     torch.testing.assert_close(blocks, full, rtol=1e-6, atol=0)
     assert torch.equal(hooked, full)
     model.head.bias.requires_grad_(False)  # the stored bias, unperturbed
     del model.head.forward
     monkeypatch.undo()
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 0)
     frozen_bias = ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses
-    monkeypatch.setattr(ZOEstimator, "_pieces", lambda self, module, params: None)
+    monkeypatch.setattr(spsa, "pieces_of", lambda module, params, sampler: None)
     torch.testing.assert_close(frozen_bias, ZOEstimator(model, eps=1e-3, seed=1).probe(lambda: model(ids), 0).losses,
                                rtol=1e-6, atol=0)
     assert not torch.equal(frozen_bias, full)
@@ -502,12 +502,12 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
     MLP); no full copy of the large tied embedding (rows looked up, the head multiplied in blocks, both in the
     arena; without the C kernel, a full copy while the LM head runs); and the draws are grouped."""
     model = tiny_llama(hidden=64, layers=4)  # per layer: 4 x 16 KiB attention, 3 x 32 KiB MLP matrices
-    monkeypatch.setattr(spsa, "GROUP_BYTES", 100 * 1024)
+    monkeypatch.setattr(perturbation, "GROUP_BYTES", 100 * 1024)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     estimator = ZOEstimator(model, eps=1e-3, seed=0)
     embedding = model.model.embed_tokens.weight
     alive, draws = [], []
-    draw_group = spsa._Perturbation._draw_group
+    draw_group = perturbation._GroupedCopies.draw_group
 
     def measured_draw_group(self, first):
         draw_group(self, first)
@@ -516,18 +516,18 @@ def test_perturbed_copies_alive_at_once_stay_within_one_group(monkeypatch):
         if kernels.KERNEL is not None:
             assert all(copy.numel() != embedding.numel() for copy, *_ in self.cache.values())
 
-    monkeypatch.setattr(spsa._Perturbation, "_draw_group", measured_draw_group)
-    monkeypatch.setattr(spsa, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the 64 KiB table counts as large, the layers do not
-    allocated, empty_like = [], spsa._empty_like
-    monkeypatch.setattr(spsa, "_empty_like", lambda p: allocated.append(p.shape) or empty_like(p))
+    monkeypatch.setattr(perturbation._GroupedCopies, "draw_group", measured_draw_group)
+    monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 60 * 1024)  # the 64 KiB table counts as large, the layers do not
+    allocated, empty_like = [], perturbation.empty_like
+    monkeypatch.setattr(perturbation, "empty_like", lambda p: allocated.append(p.shape) or empty_like(p))
     for step in range(3):
         alive.clear(), draws.clear(), allocated.clear()
         estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, step)
         head_copy = 0 if kernels.KERNEL is not None else embedding.numel() * 4
         assert max(alive) <= head_copy + 100 * 1024 + 128 * 64 * 4  # a group ahead and the running MLP's copy
-        assert estimator._arena.live == 0 and estimator._arena.offset == 0  # every copy given back
+        assert estimator._workspace.arena.live == 0 and estimator._workspace.arena.offset == 0  # every copy given back
         if kernels.KERNEL is not None and step:  # in the order learned, every copy, row and block is in the arena
-            assert allocated == [] and 8192 < estimator._arena.buffer.numel() < 100 * 1024 + 128 * 64 * 4 + 64
+            assert allocated == [] and 8192 < estimator._workspace.arena.buffer.numel() < 100 * 1024 + 128 * 64 * 4 + 64
     owners = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     assert len(draws) < owners / 2, "the copies were drawn one module at a time"
 
@@ -549,25 +549,25 @@ class ParentOwnsAParameter(nn.Module):
 def test_copies_that_outlive_their_group_do_not_pin_the_arena(monkeypatch):
     """The parent's copy lives through every child's forward: from the second probe on it gets its own
     allocation, and every child's copy comes from the arena (which would otherwise never empty)."""
-    monkeypatch.setattr(spsa, "GROUP_BYTES", 10_000)  # ~2 children ahead; the arena holds 10 kB + one child
+    monkeypatch.setattr(perturbation, "GROUP_BYTES", 10_000)  # ~2 children ahead; the arena holds 10 kB + one child
     model, x = ParentOwnsAParameter(), torch.randn(4, 32)
     estimator = ZOEstimator(model, eps=1e-3, seed=0)
-    allocated, empty_like = [], spsa._empty_like
-    monkeypatch.setattr(spsa, "_empty_like", lambda p: allocated.append(p.shape) or empty_like(p))
+    allocated, empty_like = [], perturbation.empty_like
+    monkeypatch.setattr(perturbation, "empty_like", lambda p: allocated.append(p.shape) or empty_like(p))
     drawn_ahead = []
-    draw_group = spsa._Perturbation._draw_group
+    draw_group = perturbation._GroupedCopies.draw_group
 
     def checked_draw_group(self, first):
         draw_group(self, first)
         drawn_ahead.append(self.ahead_bytes == sum(self.ahead.values()) <= 10_000)
 
-    monkeypatch.setattr(spsa._Perturbation, "_draw_group", checked_draw_group)
+    monkeypatch.setattr(perturbation._GroupedCopies, "draw_group", checked_draw_group)
     estimator.probe(lambda: model(x), 0)  # learns the order and which module encloses the others
     allocated.clear()
     losses = estimator.probe(lambda: model(x), 1).losses
     assert allocated == [torch.Size([32]), torch.Size([32])]  # the parent's copy, once per probe forward
     assert all(drawn_ahead)
-    monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+    monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)
     assert torch.equal(ZOEstimator(model, eps=1e-3, seed=0).probe(lambda: model(x), 1).losses, losses)
 
 
@@ -604,12 +604,12 @@ def test_probe_and_update_match_naive_spsa_on_other_architectures(name, at_once,
     the first probe forward and swapped in for the whole forward (before that, DeBERTa's and Mamba's failed).
     ε = 0.1: at 1e-2 the effect of DeBERTa's relative position table on the loss is lost in float32 rounding."""
     if not at_once:
-        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+        monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)
     model = tiny_hf_model(name).eval()
     ids = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     estimator = assert_probe_and_update_match_naive_spsa(model, ids, naive_z, eps=0.1)
     pinned = {n for n, p in model.named_parameters() if id(p) in estimator._pinned}
-    assert estimator._layout.whole == at_once
+    assert estimator._workspace.layout.whole == at_once
     if name == "deberta":
         assert pinned == (set() if at_once else {"deberta.encoder.rel_embeddings.weight"})
 
@@ -629,7 +629,7 @@ class ReadsWeightsOutsideTheirModules(nn.Module):
 def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_once(monkeypatch, caplog):
     """Reads outside a module's forward, by its parent or by a loss term, see the perturbed weight as the naive
     reference does; only the first probe pays for it (one forward run again), later ones run 2q forwards."""
-    monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # hooks, module by module
+    monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)  # hooks, module by module
     caplog.set_level("INFO", logger=spsa.__name__)
     model = ReadsWeightsOutsideTheirModules()
     ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -655,11 +655,11 @@ def test_weights_read_by_a_parent_or_by_the_loss_are_perturbed_and_looked_for_on
         assert len(calls) == (5 if step == 0 else 4)
     assert {n for n, p in named.items() if id(p) in estimator._pinned} == {"embed.weight", "mix.bias"}
     assert [r.getMessage().split(";")[0] for r in caplog.records] == ["read outside their module's forward: embed.weight, mix.bias"]
-    assert not estimator._layout.whole and model.embed.weight is named["embed.weight"]
+    assert not estimator._workspace.layout.whole and model.embed.weight is named["embed.weight"]
 
 
 def test_the_arena_reuses_its_buffer_once_empty_and_refuses_what_does_not_fit():
-    arena = spsa._CopyArena(1000, torch.device("cpu"))
+    arena = perturbation.CopyArena(1000, torch.device("cpu"))
     base = arena.buffer.data_ptr()
     a, _ = arena.take(torch.zeros(10))
     b, b_flat = arena.take(torch.zeros(3, 4, dtype=torch.bfloat16))
@@ -673,18 +673,18 @@ def test_the_arena_reuses_its_buffer_once_empty_and_refuses_what_does_not_fit():
     arena.release()
     again, _ = arena.take(torch.zeros(10))  # empty: from the start again, the same view as a's
     assert again is a
-    arena = spsa._CopyArena(2**20, torch.device("cpu"))
-    for n in range(1, spsa._CopyArena.MAX_VIEWS + 2):  # copies of ever new shapes: the views kept stay bounded
+    arena = perturbation.CopyArena(2**20, torch.device("cpu"))
+    for n in range(1, perturbation.CopyArena.MAX_VIEWS + 2):  # copies of ever new shapes: the views kept stay bounded
         arena.take(torch.zeros(1, n))
         arena.release()
-        assert len(arena.views) == (n - 1) % spsa._CopyArena.MAX_VIEWS + 1  # cleared when full, then refilled
+        assert len(arena.views) == (n - 1) % perturbation.CopyArena.MAX_VIEWS + 1  # cleared when full, then refilled
 
 
 @pytest.mark.parametrize("distribution, at_once", [("gaussian", True), ("lowrank", True), ("gaussian", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_probes_restore_weights_exactly(dtype, distribution, at_once, monkeypatch):
     if not at_once:
-        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)  # copies swapped in and out by hooks
+        monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)  # copies swapped in and out by hooks
     model = tiny_llama(dtype=dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -695,14 +695,14 @@ def test_probes_restore_weights_exactly(dtype, distribution, at_once, monkeypatc
         optimizer.step()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert all(p.grad is None for p in model.parameters()) and estimator._layout.whole == at_once
+    assert all(p.grad is None for p in model.parameters()) and estimator._workspace.layout.whole == at_once
 
 
 @pytest.mark.parametrize("at_once", [True, False])
 def test_a_failing_forward_leaves_weights_untouched(llama, at_once, monkeypatch):
     """Copies swapped in for the whole forward, or module by module by hooks."""
     if not at_once:
-        monkeypatch.setattr(spsa, "GROUP_BYTES", 0)
+        monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)
     before = {n: p.detach().clone() for n, p in llama.named_parameters()}
     estimator = ZOEstimator(llama, seed=0)
 
@@ -712,11 +712,11 @@ def test_a_failing_forward_leaves_weights_untouched(llama, at_once, monkeypatch)
 
     with pytest.raises(RuntimeError, match="boom"):
         estimator.probe(exploding_loss, 0)
-    assert estimator._layout.whole == at_once
+    assert estimator._workspace.layout.whole == at_once
     for n, p in llama.named_parameters():
         assert isinstance(llama.get_parameter(n), nn.Parameter)
         assert torch.equal(p, before[n])
-    assert estimator._arena.live == 0 and estimator._arena.offset == 0  # the copies drawn ahead were given back
+    assert estimator._workspace.arena.live == 0 and estimator._workspace.arena.offset == 0  # the copies drawn ahead were given back
 
 
 def test_only_trainable_parameters_move(llama):
