@@ -282,3 +282,25 @@ def test_every_zo_optimizer_resumes_bitwise_through_the_trainer(tmp_path, name):
 def test_bad_optimizer_settings_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
         ZOConfig(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+@pytest.mark.parametrize(
+    "cls, settings, match",
+    [
+        (ZOSGD, dict(lr=-1.0), "lr=-1.0 must be a finite number >= 0"),
+        (ZOSGD, dict(step_rule="line"), "step_rule='line' is not supported"),
+        (ZOSGD, dict(newton_max_step=0.0), "newton_max_step=0.0 must be a finite number > 0"),
+        (ZOSGD, dict(momentum=1.5), r"momentum=1.5 must lie in \[0, 1\)"),
+        (ZOSGD, dict(momentum_history=-1), "momentum_history=-1 must be an integer >= 0"),
+        (ZOSGD, dict(momentum_history=3), r"momentum_history=3 .* needs a momentum in \(0, 1\), got momentum=0.0"),
+        (ZOSign, dict(momentum=-0.1), r"momentum=-0.1 must lie in \[0, 1\)"),
+        (ZOAdam, dict(betas=(0.9, 1.0)), r"betas\[1\]=1.0 must lie in \[0, 1\)"),
+        (ZOAdam, dict(eps=0.0), "eps=0.0 must be a finite number > 0"),
+    ],
+)
+def test_optimizer_settings_are_checked_without_a_model_and_by_the_constructor(cls, settings, match):
+    with pytest.raises(ValueError, match=match):
+        cls.check_settings(**settings)
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=match):
+        cls(model.parameters(), ZOEstimator(model), **settings)

@@ -1,12 +1,17 @@
 """ZOTrainer inside the real transformers training loop, against independent references."""
 
 import math
+import re
+import types
 
 import pytest
 import torch
+import transformers
+import yaml
 from transformers import Trainer, TrainingArguments
 
 from zo_trainer import ZOConfig, ZOTrainer
+from zo_trainer.trainer import MODEL_CARD_TAGS
 from zo_trainer.zo import ZOSGD, ZOEstimator
 
 from conftest import assert_same, fp16_autocast_as_on_gpus, params, random_token_dataset, tiny_llama
@@ -224,6 +229,28 @@ def test_bad_config_values_are_named(tmp_path, overrides, match):
         config(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, named, engine_argument",
+    [
+        (dict(zo_eps=0.0), "zo_eps=0.0", "eps"),
+        (dict(zo_momentum=1.5), "zo_momentum=1.5", "momentum"),
+        (dict(zo_momentum_history=4), "zo_momentum_history=4 rebuilds", "momentum_history"),
+        (dict(zo_momentum_history=4), "got zo_momentum=0.0", "momentum"),
+        (dict(zo_lowrank_rank=0), "zo_lowrank_rank=0 and zo_lowrank_refresh_steps=100", "rank"),
+        (dict(zo_distribution="cauchy"), "zo_distribution='cauchy'", "distribution"),
+        (dict(zo_newton_max_step=math.inf), "zo_newton_max_step=inf", "newton_max_step"),
+        (dict(zo_optimizer="adam", adam_epsilon=0.0), "adam_epsilon=0.0", "eps"),
+        (dict(zo_optimizer="adam", adam_beta2=1.0), "adam_beta2=1.0", "betas[1]"),
+    ],
+)
+def test_config_errors_name_the_config_field_not_the_engine_argument(tmp_path, overrides, named, engine_argument):
+    """The engine checks these settings and names its own arguments; the config says them in its fields."""
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, **overrides)
+    assert named in str(error.value)
+    assert not re.search(rf"\b{re.escape(engine_argument)}=", str(error.value)), str(error.value)
+
+
 def test_torch_compile_is_refused_for_zo_only(tmp_path):
     with pytest.raises(ValueError, match="torch_compile=True"):
         ZOTrainer(model=tiny_llama(), args=config(tmp_path, torch_compile=True), train_dataset=random_token_dataset())
@@ -273,18 +300,26 @@ def test_fp16_grad_scaler_serves_fo_blocks_and_not_zo_blocks(tmp_path):
     assert_same(params(scaled.model), params(plain.model))  # ZO estimates were not divided by the scale
 
 
-def test_model_card_records_the_zo_settings_and_metrics(tmp_path):
+def test_model_card_records_the_zo_settings_and_metrics(tmp_path, monkeypatch):
     args = config(tmp_path, zo_num_queries=3, zo_eps=1e-4, zo_query_reduction="sum", zo_correlation=-0.5)
     trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset(),
                         eval_dataset=random_token_dataset(n=8, seed=1))
     trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"]
-    trainer.create_model_card(dataset="sotu")
+    card_args = dict(dataset="sotu", tags=["pretraining", "zo", "zeroth-order"])  # as run.py passes them
+    trainer.create_model_card(**card_args)
     card = (tmp_path / "run" / "README.md").read_text()
-    for expected in ("zo-trainer", "zeroth-order", "zo_num_queries: 3", "zo_eps: 0.0001", "zo_optimizer: sgd",
+    for expected in ("zo_num_queries: 3", "zo_eps: 0.0001", "zo_optimizer: sgd",
                      "zo_query_reduction: sum", "zo_correlation: -0.5", "zo_momentum_history: 0", "dataset: sotu",
                      f"eval_loss: {eval_loss:.6g}", "forward_passes: 24"):
         assert expected in card, expected
+    # push_to_hub writes the card again, over the first one, whose tags the base class merges in
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: types.SimpleNamespace(upload_folder=lambda **_: None))
+    trainer.hub_model_id = "user/run"
+    trainer.push_to_hub(**card_args)
+    header = (tmp_path / "run" / "README.md").read_text().split("---")[1]
+    tags = yaml.safe_load(header)["tags"]
+    assert sorted(tags) == sorted({*MODEL_CARD_TAGS, "pretraining", "zo", "generated_from_trainer"}), tags
 
 
 def test_gradient_probe_is_wired_from_the_config(tmp_path):

@@ -6,15 +6,15 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
 
-from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS, STEP_RULES, ZOAdam, ZOSGD, ZOSign
+from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS, STEP_RULES, ZOAdam, ZOEstimator, ZOSGD, ZOSign
 
 TRAINING_ORDERS = ("zo", "fo")
 ZO_PARALLEL_MODES = ("data", "query")
@@ -208,49 +208,31 @@ class ZOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        for name in ("learning_rate", "weight_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         _check_choice("training_order", self.training_order, TRAINING_ORDERS)
         _check_choice("zo_optimizer", self.zo_optimizer, tuple(ZO_OPTIMIZERS))
-        _check_choice("zo_step_rule", self.zo_step_rule, STEP_RULES)
         if self.zo_state_dtype is not None:
             _check_choice("zo_state_dtype", self.zo_state_dtype, tuple(STATE_DTYPES))
-        if not 0.0 <= self.zo_momentum < 1.0:
-            raise ValueError(f"zo_momentum={self.zo_momentum!r} must lie in [0, 1)")
-        if self.zo_momentum_history < 0 or (self.zo_momentum_history and not (self.zo_momentum and self.zo_optimizer == "sgd")):
-            raise ValueError(
-                f"zo_momentum_history={self.zo_momentum_history!r} must be >= 0, and > 0 only with zo_optimizer='sgd' "
-                f"and zo_momentum > 0 (got zo_optimizer={self.zo_optimizer!r}, zo_momentum={self.zo_momentum})"
-            )
-        if self.zo_momentum and self.zo_optimizer == "adam":
-            raise ValueError("zo_momentum is for zo_optimizer 'sgd' and 'sign'; 'adam' takes adam_beta1 and adam_beta2")
-        if not (math.isfinite(self.zo_newton_max_step) and self.zo_newton_max_step > 0):
-            raise ValueError(f"zo_newton_max_step={self.zo_newton_max_step!r} must be a finite number > 0")
+        _check_choice("zo_parallel", self.zo_parallel, ZO_PARALLEL_MODES)
+        # the engine would name curvature=True, which no field sets: said here in the config's terms
         if self.zo_step_rule == "newton" and self.zo_estimator != "central":
             raise ValueError("zo_step_rule='newton' needs zo_estimator='central' (it fits a quadratic to L−, L0 and L+)")
+        # the engine's own checks, run on the arguments these fields give it (they ignore zo_seed, still None here)
+        _in_config_terms(ZOEstimator.check_settings, ESTIMATOR_FIELDS, **self.zo_estimator_kwargs())
+        optimizer_cls, optimizer_kwargs = self.zo_optimizer_cls_and_kwargs()
+        _in_config_terms(optimizer_cls.check_settings, OPTIMIZER_FIELDS, weight_decay=self.weight_decay,
+                         **optimizer_kwargs)
+        # what the engine cannot see: how the fields combine into its arguments
+        if self.zo_momentum and self.zo_optimizer == "adam":
+            raise ValueError("zo_momentum is for zo_optimizer 'sgd' and 'sign'; 'adam' takes adam_beta1 and adam_beta2")
+        if self.zo_momentum_history and self.zo_optimizer != "sgd":
+            raise ValueError(f"zo_momentum_history={self.zo_momentum_history!r} is for zo_optimizer='sgd' "
+                             f"(got zo_optimizer={self.zo_optimizer!r}); leave it 0")
         if self.zo_write_grad and (self.zo_optimizer != "sgd" or self.zo_step_rule != "gradient" or self.zo_momentum):
             raise ValueError(
                 "zo_write_grad=True feeds the plain SPSA estimate to `optim`: leave zo_optimizer='sgd', "
                 f"zo_step_rule='gradient' and zo_momentum=0 (got {self.zo_optimizer!r}, {self.zo_step_rule!r}, "
                 f"{self.zo_momentum})"
             )
-        _check_choice("zo_query_reduction", self.zo_query_reduction, REDUCTIONS)
-        _check_choice("zo_estimator", self.zo_estimator, ESTIMATORS)
-        _check_choice("zo_distribution", self.zo_distribution, DISTRIBUTIONS)
-        if self.zo_lowrank_rank < 1 or self.zo_lowrank_refresh_steps < 1:
-            raise ValueError(
-                f"zo_lowrank_rank={self.zo_lowrank_rank} and zo_lowrank_refresh_steps={self.zo_lowrank_refresh_steps} "
-                "must be >= 1"
-            )
-        _check_choice("zo_parallel", self.zo_parallel, ZO_PARALLEL_MODES)
-        if not (isinstance(self.zo_eps, (int, float)) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
-            raise ValueError(f"zo_eps={self.zo_eps!r} must be a finite number > 0 (the paper uses 1e-4)")
-        if isinstance(self.zo_num_queries, bool) or not isinstance(self.zo_num_queries, int) or self.zo_num_queries < 1:
-            raise ValueError(f"zo_num_queries={self.zo_num_queries!r} must be an integer >= 1")
-        if not -1.0 < self.zo_correlation < 1.0:
-            raise ValueError(f"zo_correlation={self.zo_correlation!r} must lie in the open interval (-1, 1)")
         if self.zo_correlation and self.zo_num_queries < 2:
             raise ValueError(f"zo_correlation={self.zo_correlation} needs zo_num_queries >= 2 (got {self.zo_num_queries})")
         if self.zo_step_rule == "spread" and self.zo_num_queries < 2:
@@ -349,6 +331,30 @@ def _unpickle_merged(args_class: type[TrainingArguments], state: dict) -> ZOConf
 def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
     return field(default=f.default, default_factory=f.default_factory, init=f.init, repr=f.repr, hash=f.hash,
                  compare=f.compare, metadata=f.metadata, kw_only=f.kw_only)
+
+
+# the engine's argument names and the config fields that set them: the engine's messages, in the config's terms
+ESTIMATOR_FIELDS = {
+    "eps": "zo_eps", "num_queries": "zo_num_queries", "estimator": "zo_estimator", "reduction": "zo_query_reduction",
+    "distribution": "zo_distribution", "correlation": "zo_correlation", "rank": "zo_lowrank_rank",
+    "lowrank_rank": "zo_lowrank_rank", "refresh_steps": "zo_lowrank_refresh_steps",
+    "lowrank_refresh_steps": "zo_lowrank_refresh_steps",
+}
+OPTIMIZER_FIELDS = {
+    "lr": "learning_rate", "step_rule": "zo_step_rule", "newton_max_step": "zo_newton_max_step",
+    "momentum": "zo_momentum", "momentum_history": "zo_momentum_history", "betas[0]": "adam_beta1",
+    "betas[1]": "adam_beta2", "eps": "adam_epsilon",
+}
+
+
+def _in_config_terms(check, fields: dict[str, str], **settings) -> None:
+    """Run an engine check on the settings it is given; its ValueError is raised again with every ``argument=``
+    it names as the config field of ``fields`` that sets it (one pass: a field name is never renamed again)."""
+    try:
+        check(**settings)
+    except ValueError as error:
+        engine_names = re.compile(r"\b(" + "|".join(map(re.escape, fields)) + r")(?==)")
+        raise ValueError(engine_names.sub(lambda m: fields[m.group(1)], str(error))) from None
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

@@ -422,8 +422,7 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
     trainer.save_state()
 
     dataset = data_args.dataset_name if not data_args.train_files else ", ".join(data_args.train_files)
-    card = dict(dataset=dataset, dataset_tags=dataset, tags=["zo-trainer", "zeroth-order", "pretraining",
-                                                            training_args.training_order])
+    card = dict(dataset=dataset, dataset_tags=dataset, tags=["pretraining", training_args.training_order])
     if data_args.dataset_config:
         card["dataset_args"] = data_args.dataset_config
     trainer.create_model_card(**card)

@@ -32,6 +32,9 @@ from .zo import PendingEstimate, Probe, ZOEstimator, ZOOptimizer
 
 logger = logging.getLogger(__name__)
 
+# on every model card the trainer writes (`create_model_card`, which `push_to_hub` calls): callers add only their own
+MODEL_CARD_TAGS = ("zo-trainer", "zeroth-order")
+
 
 class ZOTrainer(CheckpointSafety, Trainer):
     """Drop-in replacement for `Trainer`: same constructor, same methods, ZO training by default.
@@ -373,9 +376,10 @@ class ZOTrainer(CheckpointSafety, Trainer):
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
     ) -> None:
-        """`Trainer.create_model_card`, plus the tags and a section with the ZO settings and final metrics."""
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in ("zo-trainer", "zeroth-order") if tag not in tags]
+        """`Trainer.create_model_card`, plus `MODEL_CARD_TAGS` and a section with the ZO settings and final metrics.
+        Each tag is listed once, the tags of an earlier card in ``output_dir`` (merged by the base class) included."""
+        tags = [tags] if isinstance(tags, str) else list(tags or ())
+        tags = list(dict.fromkeys([*tags, *MODEL_CARD_TAGS]))
         super().create_model_card(
             language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args
         )

@@ -65,19 +65,12 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, estimator: ZOEstimator, defaults: dict, step_rule: str = "gradient",
                  newton_max_step: float = 1e-2, newton_min_curvature: float = 0.0, normalize_beta: float = 0.99):
-        for key in ("lr", "weight_decay"):
-            value = defaults[key]
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{key}={value!r} must be a finite number >= 0")
-        if step_rule not in STEP_RULES:
-            raise ValueError(f"step_rule={step_rule!r} is not supported; choose one of {list(STEP_RULES)}")
+        # the settings alone are checked by the subclass's constructor (`check_settings`); these need the estimator
         if step_rule == "spread" and estimator.num_queries < 2:
             raise ValueError(f"step_rule='spread' divides by the spread of a step's projected gradients: it needs "
                              f"num_queries >= 2, got {estimator.num_queries} (one query would give its sign)")
         if step_rule == "newton" and not estimator.curvature:
             raise ValueError("step_rule='newton' needs the curvature along each direction: ZOEstimator(curvature=True)")
-        if not newton_max_step > 0 or not 0.0 <= normalize_beta < 1.0:
-            raise ValueError(f"newton_max_step={newton_max_step} must be > 0 and normalize_beta={normalize_beta} in [0, 1)")
         super().__init__(params, defaults)
         self.estimator = estimator
         self.step_rule = step_rule
@@ -86,6 +79,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.pending = PendingEstimate()
         self.rule_state = {"mean_square": 0.0, "updates": 0}  # the normalized rule's running moment
         self.last_step: dict[str, float] = {}  # what the last step's rule did, for the logs
+
+    @classmethod
+    def check_settings(cls, lr: float = 1e-3, weight_decay: float = 0.0, step_rule: str = "gradient",
+                       newton_max_step: float = 1e-2, normalize_beta: float = 0.99, **_) -> None:
+        """Raises ValueError naming the first setting the optimizer refuses, each as ``argument=value``: the
+        constructor's checks but those that need the estimator, so that `ZOConfig` runs them before any model
+        exists, in its own terms. Settings a class does not check (state_dtype, newton_min_curvature) are taken and
+        ignored, so the constructor's keyword arguments can be passed as they are."""
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule={step_rule!r} is not supported; choose one of {list(STEP_RULES)}")
+        if not (isinstance(newton_max_step, (int, float)) and math.isfinite(newton_max_step) and newton_max_step > 0):
+            raise ValueError(f"newton_max_step={newton_max_step!r} must be a finite number > 0")
+        if not 0.0 <= normalize_beta < 1.0:
+            raise ValueError(f"normalize_beta={normalize_beta!r} must lie in [0, 1)")
 
     def accumulate(self, probe: Probe, weight: float = 1.0) -> None:
         """Add ``weight ×`` the statistics of ``probe`` (same step as earlier probes)."""
@@ -181,13 +191,20 @@ class ZOSGD(ZOOptimizer):
 
     def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-3, weight_decay: float = 0.0,
                  momentum: float = 0.0, momentum_history: int = 0, state_dtype: torch.dtype | None = None, **rule):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum!r} must lie in [0, 1)")
-        if not (isinstance(momentum_history, int) and momentum_history >= 0) or (momentum_history and not momentum):
-            raise ValueError(f"momentum_history={momentum_history!r} must be an integer >= 0, and > 0 only with momentum > 0")
+        self.check_settings(lr=lr, weight_decay=weight_decay, momentum=momentum, momentum_history=momentum_history, **rule)
         super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay), **rule)
         self.momentum, self.momentum_history, self.state_dtype = momentum, momentum_history, state_dtype
         self.history: deque[tuple[int, torch.Tensor]] = deque(maxlen=momentum_history or None)
+
+    @classmethod
+    def check_settings(cls, momentum: float = 0.0, momentum_history: int = 0, **settings) -> None:
+        super().check_settings(**settings)
+        _check_momentum(momentum)
+        if not (isinstance(momentum_history, int) and momentum_history >= 0):
+            raise ValueError(f"momentum_history={momentum_history!r} must be an integer >= 0 (0 = a momentum buffer)")
+        if momentum_history and not momentum:
+            raise ValueError(f"momentum_history={momentum_history} rebuilds the momentum of the last steps: it needs a "
+                             f"momentum in (0, 1), got momentum={momentum!r}")
 
     def _update(self, step, coefficients):
         if not self.momentum or self.momentum_history:
@@ -230,10 +247,18 @@ class ZOAdam(ZOOptimizer):
     def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, state_dtype: torch.dtype | None = None,
                  **rule):
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0) or not eps > 0:
-            raise ValueError(f"betas={betas} must lie in [0, 1) and eps={eps} be > 0")
+        self.check_settings(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **rule)
         super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps), **rule)
         self.state_dtype = state_dtype
+
+    @classmethod
+    def check_settings(cls, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **settings) -> None:
+        super().check_settings(**settings)
+        for i, beta in enumerate(betas):  # named one at a time: a config sets them as two fields
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{i}]={beta!r} must lie in [0, 1)")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps={eps!r} must be a finite number > 0")
 
     def _update_group(self, step, coefficients, group, params):
         (beta1, beta2), lr = group["betas"], group["lr"]
@@ -257,10 +282,14 @@ class ZOSign(ZOOptimizer):
 
     def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-4, weight_decay: float = 0.0,
                  momentum: float = 0.0, state_dtype: torch.dtype | None = None, **rule):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum!r} must lie in [0, 1)")
+        self.check_settings(lr=lr, weight_decay=weight_decay, momentum=momentum, **rule)
         super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay), **rule)
         self.momentum, self.state_dtype = momentum, state_dtype
+
+    @classmethod
+    def check_settings(cls, momentum: float = 0.0, **settings) -> None:
+        super().check_settings(**settings)
+        _check_momentum(momentum)
 
     def _update_group(self, step, coefficients, group, params):
         for p in params:
@@ -273,3 +302,8 @@ class ZOSign(ZOOptimizer):
             if group["weight_decay"]:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
             p.add_(direction.sign().to(p.dtype), alpha=-group["lr"])
+
+
+def _check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum={momentum!r} must lie in [0, 1)")
