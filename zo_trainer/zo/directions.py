@@ -179,10 +179,24 @@ class DirectionSampler:
             raise ValueError(f"add_row_block needs a matrix that add_rows serves and a contiguous block of its rows, "
                              f"got rows {start}..{start + len(out)} of {out.dtype} {tuple(out.shape)} from "
                              f"{matrix.dtype} {tuple(matrix.shape)} on {matrix.device}")
-        chain, width = self._links(scales), matrix.shape[1]
-        kernels.add_directions([matrix.view(-1)[start * width : (start + len(out)) * width]], [out.view(-1)],
-                              [[self._seed(step, k, name) for k in chain]], [[scales.get(k) for k in chain]],
-                              self.correlation, self.distribution == "rademacher", firsts=[start * width], check=False)
+        width = matrix.shape[1]
+        self.add_slice(step, name, matrix.view(-1)[start * width : (start + len(out)) * width], out.view(-1),
+                       start * width, scales)
+
+    @torch.no_grad()
+    def add_slice(self, step: int, name: str, source: torch.Tensor, target: torch.Tensor, first: int,
+                  scales: dict[int, float]) -> None:
+        """``target = source + Σ_k scales[k]·z_k[first : first + len(source)]`` for flat contiguous tensors: entries
+        ``first`` on of the parameter's flat z, bit for bit those of `add_to` over the whole parameter (a block of an LM
+        head's rows; the shard of a parameter that each process of a sharded model holds). Element-wise directions
+        only: SubZero's are built whole."""
+        if self.distribution == "lowrank":
+            raise ValueError(f"{name}: a slice of a direction needs element-wise directions (gaussian or rademacher); "
+                             "SubZero's low-rank directions are built whole")
+        chain = self._links(scales)
+        kernels.add_directions([source], [target], [[self._seed(step, k, name) for k in chain]],
+                               [[scales.get(k) for k in chain]], self.correlation, self.distribution == "rademacher",
+                               firsts=[first], check=False)
 
     def _seed(self, step: int, query: int, name: str) -> int:
         """`direction_seed` of this sampler, kept for the steps last asked: a step's probes and its update draw the

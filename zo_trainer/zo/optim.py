@@ -23,6 +23,7 @@ from collections import deque
 
 import torch
 
+from . import sharding
 from .spsa import Probe, ZOEstimator
 
 STEP_RULES = ("gradient", "newton", "normalized", "spread")
@@ -137,6 +138,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return None
         step, values = self.pending.step, self.pending.values
         self.pending.clear()
+        sharding.reshard(self.estimator.model)  # FSDP2's root stays whole after a forward: the update writes the shards
         self._update(step, self.coefficients(values))
         return None
 
@@ -157,7 +159,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _materialise(self, step: int, coefficients: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """g of one parameter in a float32 (or float64) tensor of its own: one parameter-sized temporary at a time."""
-        g = torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+        g = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))  # sharded like p
         self.estimator.add_directions(step, coefficients, [p], [g])
         return g
 

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from . import sharding
 from .directions import Addition, DirectionSampler
 
 GROUP_BYTES = 4 * 2**20  # perturbed copies drawn ahead of their modules, at most (each draw is a cold call: fewer, larger)
@@ -76,11 +77,15 @@ class Layout:
     flat: dict[int, torch.Tensor]  # id(p) -> the flat view of p that the draws read
     whole: bool  # every perturbed copy fits in the arena at once: swapped in for the whole forward, no hooks
     arena_bytes: int
+    sharded: bool  # a parameter is sharded by FSDP2: every owner perturbs what FSDP2 registered (`_ShardedCopies`)
 
     @classmethod
     def build(cls, model: nn.Module, trainable, key: tuple, pinned_ids: set[int], pieces: Callable) -> Layout:
         owned, users, ids = defaultdict(list), defaultdict(int), {id(p) for _, p in trainable}
         kinds, pinned = {}, []
+        sharded = any(sharding.is_sharded(p) for _, p in trainable)
+        if sharded:
+            pieces, pinned_ids = (lambda module, params: None), set()
         for module in model.modules():
             for local_name, p in module.named_parameters(recurse=False):
                 if id(p) in ids and id(p) in pinned_ids:
@@ -99,9 +104,10 @@ class Layout:
         blocks = [_block_bytes(module.weight) for module, kind in kinds.items() if kind == "blocks"]
         capacity = max([GROUP_BYTES + largest, *blocks])
         footprint = sum(CopyArena.footprint(p) for _, p in trainable)
-        whole = not kinds and footprint <= capacity
-        return cls(key, dict(owned), dict(users), kinds, pinned, {id(p): flat_view(p) for _, p in trainable}, whole,
-                   footprint if whole else capacity)
+        whole = not kinds and footprint <= capacity and not sharded
+        flat = {id(p): flat_view(p) for _, p in trainable if not sharding.is_sharded(p)}
+        return cls(key, dict(owned), dict(users), kinds, pinned, flat, whole,
+                   0 if sharded else footprint if whole else capacity, sharded)
 
 
 class Workspace:
@@ -147,6 +153,11 @@ class Perturbation:
             self.swaps = [_WholeModel(self)]
             self.swaps[0].install()
             return self
+        if layout.sharded:
+            self.swaps = [_ShardedCopies(self)]
+            self.hooked = dict.fromkeys(layout.owned, self.swaps[0])
+            self._hook_owners()
+            return self
         # a forward set on the instance since (accelerate's hooks) is not the plain one: that module is copied whole
         pieces = {module: kind for module, kind in layout.pieces.items() if "forward" not in vars(module)}
         users = dict(layout.users)
@@ -160,12 +171,16 @@ class Perturbation:
             swap.install()
         for module in layout.owned:
             self.hooked[module] = {"rows": rows, "blocks": blocks}.get(pieces.get(module), grouped)
-            self.handles.append(module.register_forward_pre_hook(self._swap_in))
-            self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
+        self._hook_owners()
         if not self.workspace.checked:
             self.watch = _StoredReads({id(p): p for params in layout.owned.values() for _, p in params})
             self.watch.__enter__()
         return self
+
+    def _hook_owners(self) -> None:
+        for module in self.hooked:
+            self.handles.append(module.register_forward_pre_hook(self._swap_in))
+            self.handles.append(module.register_forward_hook(self._swap_out, always_call=True))
 
     def __exit__(self, *exc):
         if self.watch is not None:
@@ -177,8 +192,8 @@ class Perturbation:
         if self.hooked:
             unseen = [module for module in self.layout.owned if module not in self.fired]
             self.workspace.forward_order = [*self.fired, *unseen]
-        for module, params in self.layout.owned.items():  # a forward that raised may have skipped a swap-out
-            for local_name, p in params:
+        for module, params in self.layout.owned.items() if not self.layout.sharded else ():
+            for local_name, p in params:  # a forward that raised may have skipped a swap-out
                 module._parameters[local_name] = p
         for module, local_name, p in self.layout.pinned:
             module._parameters[local_name] = p
@@ -361,6 +376,40 @@ class _GroupedCopies(_Swap):
                 (own if taken is None else pooled).append((p, flat))
                 self.cache[id(p)] = (out, self.users[id(p)], taken is not None)
         self.perturbation.draw(pooled, own)
+
+
+class _ShardedCopies(_Swap):
+    """A model sharded by FSDP2 (`sharding`): around each owner's forward, a copy of the whole parameter that FSDP2
+    registered for it (all-gathered in its pre-forward hook), plus δz drawn whole, as an unsharded run draws it;
+    afterwards what FSDP2 registered goes back, for its post-forward hook to reshard. Each owner draws its own copies
+    (what FSDP2 registers is known only inside the forward), and a parameter read outside its module's forward is
+    not seen."""
+
+    def __init__(self, perturbation: Perturbation):
+        super().__init__(perturbation)
+        self.registered: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}  # owner -> what FSDP2 registered
+
+    def remove(self) -> None:
+        for module in list(self.registered):  # a forward that raised may have skipped a swap-out
+            self.swap_out(module)
+
+    def swap_in(self, module, args):
+        perturbation, registered = self.perturbation, []
+        for local_name, p in perturbation.layout.owned[module]:
+            whole = module._parameters[local_name]
+            if sharding.is_sharded(whole):
+                raise ValueError(f"{perturbation.names[id(p)]} is still sharded when its module runs: only a forward "
+                                 "through the fully_shard-ed model (its root module) gathers the whole parameter")
+            copy = empty_like(whole)
+            perturbation.sampler.add_to(perturbation.step, [Addition(perturbation.names[id(p)], p.shape,
+                                                                     perturbation.scales, flat_view(whole), copy.view(-1))])
+            registered.append((local_name, whole))
+            module._parameters[local_name] = copy
+        self.registered[module] = registered
+
+    def swap_out(self, module) -> None:
+        for local_name, whole in self.registered.pop(module, ()):
+            module._parameters[local_name] = whole
 
 
 class _EmbeddingRows(_Swap):

@@ -24,6 +24,7 @@ from torch import nn
 from .directions import Addition, DirectionSampler
 from .perturbation import CopyArena, Layout, Perturbation, Workspace, flat_view, pieces_of
 from .prefix import PrefixReuse
+from . import sharding
 from .rng import RngState
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class ZOEstimator:
         taken and ignored, so the constructor's keyword arguments can be passed as they are."""
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps={eps!r} must be a finite number > 0")
-        if not (isinstance(num_queries, int) and num_queries >= 1):
+        if isinstance(num_queries, bool) or not (isinstance(num_queries, int) and num_queries >= 1):
             raise ValueError(f"num_queries={num_queries!r} must be an integer >= 1")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is not supported; choose one of {ESTIMATORS}")
@@ -130,10 +131,11 @@ class ZOEstimator:
         queries = list(range(self.num_queries)) if queries is None else sorted(queries)
         if not queries or queries[0] < 0 or queries[-1] >= self.num_queries:
             raise ValueError(f"queries={queries} must be a non-empty subset of range({self.num_queries})")
+        sharding.reshard(self.model)
         trainable = self.trainable()
         if not trainable:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
-        _refuse_sharded(trainable)
+        sharding.check(trainable, self.sampler.distribution)
         rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
         with_base = self.estimator == "forward" or self.curvature
         prefix = self._prefix_reuse(trainable)
@@ -224,7 +226,8 @@ class ZOEstimator:
         (momentum rebuilt from past seeds, `ZOSGD` with ``momentum_history``)."""
         terms = [(step, coefficients.tolist()) for step, coefficients in terms]
         params = list(params)
-        _refuse_sharded([(self._names.get(id(p), "a parameter"), p) for p, _, _ in params])
+        if sharding.check([(self._names.get(id(p), "a parameter"), p) for p, _, _ in params], self.sampler.distribution):
+            sharding.reshard(self.model)
         by_rate = defaultdict(list)
         for p, lr, weight_decay in params:
             if weight_decay:
@@ -234,11 +237,23 @@ class ZOEstimator:
         for lr, group in by_rate.items():
             scaled = [(step, {k: -lr * c for k, c in enumerate(coefficients) if c}) for step, coefficients in terms]
             scaled = [(step, scales) for step, scales in scaled if scales]
-            add = self._prepared_update(group) if len(scaled) == 1 else None
+            whole = [p for p in group if not sharding.is_sharded(p)]
+            add = self._prepared_update(whole) if len(scaled) == 1 and whole else None
             if add is not None:
                 add(*scaled[0])
-            elif scaled:  # flat views of the parameters, in place
-                self.sampler.add_sum(scaled, [self._addition(p, {}, p) for p in group])
+            elif scaled and whole:  # flat views of the parameters, in place
+                self.sampler.add_sum(scaled, [self._addition(p, {}, p) for p in whole])
+            for p in group:
+                if sharding.is_sharded(p):
+                    self._add_to_shard(p, scaled, p)
+
+    def _add_to_shard(self, p: nn.Parameter, terms: list[tuple[int, dict[int, float]]], target: torch.Tensor) -> None:
+        """``target += Σ_(step, scales) Σ_k scales[k]·z_k(p)`` on this process's rows of a sharded ``p`` (and of
+        ``target``, sharded alike): the entries of z at the rows' offset in the flat parameter."""
+        local, first = sharding.local_rows(target)
+        if local.numel():
+            for step, scales in terms:
+                self.sampler.add_slice(step, self.name_of(p), local, local, first, scales)
 
     @torch.no_grad()
     def add_directions(
@@ -246,7 +261,11 @@ class ZOEstimator:
     ) -> None:
         """``target += Σ_k c_k z_k(p)`` for each parameter and a tensor of its shape (a gradient, a momentum buffer)."""
         scales = {k: c for k, c in enumerate(coefficients.tolist()) if c}
-        self.sampler.add_to(step, [self._addition(p, scales, target) for p, target in zip(params, targets)])
+        pairs = list(zip(params, targets))
+        self.sampler.add_to(step, [self._addition(p, scales, target) for p, target in pairs if not sharding.is_sharded(p)])
+        for p, target in pairs:
+            if sharding.is_sharded(p) and scales:
+                self._add_to_shard(p, [(step, scales)], target)
 
     def _prepared_update(self, params: list[nn.Parameter]):
         """The sampler's prepared in-place update of ``params`` (`DirectionSampler.prepare`), kept while the
@@ -288,20 +307,6 @@ class ZOEstimator:
         """``target = source + Σ_k scales[k]·z_k(p)`` (in place when no target is given)."""
         source = flat_view(source)
         return Addition(self.name_of(p), p.shape, scales, source, source if target is None else flat_view(target))
-
-
-def _refuse_sharded(named: list[tuple[str, torch.Tensor]]) -> None:
-    """A clear error for sharded parameters (FSDP2's `fully_shard`, tensor parallelism), which the probes and updates
-    would read as whole local tensors."""
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None) if torch.distributed.is_available() \
-        else None
-    sharded = [name for name, p in named if dtensor is not None and isinstance(p, dtensor)]
-    if sharded:
-        raise ValueError(
-            f"{sharded[0]} is a DTensor (sharded by FSDP2's fully_shard or by tensor parallelism): the ZO engine "
-            "perturbs and updates whole tensors and does not take sharded parameters. Give every process the whole "
-            "model and split the work with data- or query-parallel ZO (ZOConfig.zo_parallel, or each process probing "
-            "its share of the queries: ZOEstimator.probe(queries=...))")
 
 
 def _scalar(loss: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""Parameters sharded across processes by FSDP2 (`torch.distributed.fsdp.fully_shard`): what the engine needs of them.
+
+Outside a forward each process holds a `DTensor` per parameter whose local tensor is its rows ``torch.chunk(p, world,
+dim=0)[rank]``; during a module's forward FSDP2 registers the whole (all-gathered) parameter in its place. So the
+probes perturb the whole parameter that FSDP2 registered, drawing z whole as an unsharded run does
+(`perturbation._ShardedCopies`), and the update adds to each process's rows the entries of z at their offset in the
+flat parameter (`DirectionSampler.add_slice`): a sharded run's directions, probe losses and weights are bit for bit
+those of an unsharded run on the same batch, with no communication beyond FSDP2's own all-gathers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_SUPPORTED = ("FSDP2's fully_shard on a 1-D mesh (each parameter a DTensor with placements (Shard(0),)); for other "
+              "layouts give every process the whole model and split the work with data- or query-parallel ZO "
+              "(ZOConfig.zo_parallel, or ZOEstimator.probe(queries=...))")
+
+
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    return getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def check(named: list[tuple[str, torch.Tensor]], distribution: str) -> bool:
+    """Whether any of ``named`` is sharded; raises ValueError naming the first one the engine cannot train."""
+    sharded = [(name, p) for name, p in named if is_sharded(p)]
+    for name, p in sharded:
+        placements = tuple(p.placements)
+        if p.device_mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+            raise ValueError(f"{name} is a DTensor with placements {placements} on a {p.device_mesh.ndim}-D mesh: the ZO "
+                             f"engine trains {_SUPPORTED}")
+        if not p.to_local().is_contiguous():
+            raise ValueError(f"{name}'s local shard is not contiguous: the update walks its flat storage")
+    if sharded and distribution == "lowrank":
+        raise ValueError(f"{sharded[0][0]} is sharded by FSDP2: each process adds its rows of the direction, which "
+                         "needs element-wise directions (zo_distribution 'gaussian' or 'rademacher'), not SubZero's "
+                         "low-rank ones, built whole")
+    return bool(sharded)
+
+
+def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This process's shard of ``p``, flat (the storage FSDP2 all-gathers from), and the index of its first entry in
+    the flat parameter."""
+    mesh = p.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-p.shape[0] // world)
+    first_row = min(rank * chunk, p.shape[0])
+    local = p.to_local()
+    if local.shape[0] != max(0, min(chunk, p.shape[0] - first_row)) or local.shape[1:] != p.shape[1:]:
+        raise ValueError(f"a shard of shape {tuple(local.shape)} of a {tuple(p.shape)} parameter on process {rank} of "
+                         f"{world} is not torch.chunk's rows: the engine trains {_SUPPORTED}")
+    return local.view(-1), first_row * math.prod(p.shape[1:])
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP2 module of ``model`` back to its shards: FSDP2 leaves the root's parameters whole after a forward,
+    where an update of the shards would not reach them and the parameters listed would be the whole copies."""
+    fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None) \
+        if torch.distributed.is_available() else None
+    if fsdp_module is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp_module):
+            module.reshard()
