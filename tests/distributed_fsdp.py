@@ -4,7 +4,7 @@
         [--optimizer adam] [--data_parallel]
 
 Each process builds the same tiny Llama twice, shards one copy with ``fully_shard`` (every decoder layer, then the
-root), and runs the engine's documented loop (`ZOEstimator` + `ZOSGD`) on both with the same batches: the global batch
+root; after its estimator is made, as accelerate shards after ZOTrainer's), and runs the engine's documented loop (`ZOEstimator` + `ZOSGD`) on both with the same batches: the global batch
 in every process, or with ``--data_parallel`` a batch of its own and the projected gradients averaged across the
 processes. Process 0 writes the probe losses of both runs, a held-out loss after the last step and the largest weight
 difference at the end (the sharded weights gathered whole) to ``--out``.
@@ -28,8 +28,7 @@ from zo_trainer.zo import ZOSGD, ZOAdam, ZOEstimator  # noqa: E402
 STEPS, BATCH, TOKENS = 3, 4, 16
 
 
-def train(model, args, rank, world):
-    estimator = ZOEstimator(model, num_queries=2, seed=3)
+def train(model, estimator, args, rank, world):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adam":
         optimizer = ZOAdam(trainable, estimator, lr=1e-3, weight_decay=0.1)
@@ -66,11 +65,12 @@ def main():
         for name, p in whole.named_parameters():
             p.requires_grad_(name.startswith("model.layers.1.mlp."))
     sharded = copy.deepcopy(whole)
+    estimator = ZOEstimator(sharded, num_queries=2, seed=3)  # before sharding, as ZOTrainer's is before accelerate's
     for layer in sharded.model.layers:
         fully_shard(layer)
     fully_shard(sharded)
-    whole_losses = train(whole, args, rank, world)
-    sharded_losses = train(sharded, args, rank, world)
+    whole_losses = train(whole, ZOEstimator(whole, num_queries=2, seed=3), args, rank, world)
+    sharded_losses = train(sharded, estimator, args, rank, world)
     held_out = torch.randint(0, args.vocab, (BATCH, TOKENS), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():  # a forward right after the last update: it must see the updated shards
         evaluated = [model(input_ids=held_out, labels=held_out).loss.item() for model in (whole, sharded)]

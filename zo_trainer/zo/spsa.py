@@ -135,6 +135,8 @@ class ZOEstimator:
         trainable = self.trainable()
         if not trainable:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
+        if any(self._names.get(id(p)) != name for name, p in trainable):  # fully_shard (accelerate's FSDP2) after init
+            self._names = {id(p): n for n, p in self.model.named_parameters()}
         sharding.check(trainable, self.sampler.distribution)
         rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
         with_base = self.estimator == "forward" or self.curvature
