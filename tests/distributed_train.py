@@ -27,6 +27,8 @@ parser.add_argument("--resume", default=None)
 parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
 parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset, as a user's script would")
 parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (ZO must refuse it)")
+parser.add_argument("--distributed_config", action="store_true",
+                    help="load the model sharded by FSDP2 over the processes (from_pretrained(distributed_config=...))")
 parser.add_argument("--own_compute_loss", action="store_true", help="a Trainer subclass with its own compute_loss")
 parser.add_argument("--zo", nargs="*", default=[], metavar="FIELD=JSON", help="more ZOConfig fields, e.g. zo_momentum=0.9")
 cli = parser.parse_args()
@@ -41,9 +43,26 @@ settings = dict(
 settings.update({key: json.loads(value) for key, value in (setting.split("=", 1) for setting in cli.zo)})
 args = ZOConfig(**settings)
 model = tiny_llama()
+if cli.distributed_config:
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    base = os.path.join(cli.out, "base")
+    if torch.distributed.get_rank() == 0:
+        model.save_pretrained(base)
+    torch.distributed.barrier()
+    model = AutoModelForCausalLM.from_pretrained(base, distributed_config=DistributedConfig(
+        fsdp_size=torch.distributed.get_world_size()))
 if cli.mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate autocasts fp16 on GPUs only
     fp16_autocast_as_on_gpus(model)
-init = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter gathered whole where FSDP2 shards it."""
+    return p.full_tensor() if type(p).__name__ == "DTensor" else p.detach().clone()
+
+
+init = {n: whole(p) for n, p in model.named_parameters()}
 
 class OwnComputeLoss(ZOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -54,7 +73,9 @@ trainer_class = OwnComputeLoss if cli.own_compute_loss else ZOTrainer
 trainer = trainer_class(model=model, args=args, train_dataset=random_token_dataset(n=64))
 trainer.train(resume_from_checkpoint=cli.resume)
 rank = trainer.accelerator.process_index
-state = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+state = {n: whole(p) for n, p in trainer.model.named_parameters()}
+if cli.distributed_config:
+    trainer.save_model(os.path.join(cli.out, "export"))
 torch.save({"params": state, "init": init, "world": trainer.accelerator.num_processes, "log": trainer.state.log_history},
            os.path.join(cli.out, f"rank{rank}.pt"))
 trainer.accelerator.wait_for_everyone()  # then destroy the process group: gloo can abort at exit otherwise

@@ -60,6 +60,7 @@ def runs(tmp_path_factory):
         # a ZO optimizer with state (momentum rebuilt from seeds) and a step rule that reduces curvatures too
         "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
         "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
+        "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config"),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
         **{f"{mode}-block{suffix}": launch(TWO_PROCESSES, tmp / f"{mode}-block{suffix}", "--batch", "4", "--queries",
@@ -101,6 +102,20 @@ def test_a_zo_optimizer_with_state_runs_data_parallel_as_on_one_process(runs):
     (one,) = runs["newton-one"]
     assert max_difference(runs["newton-data"][0], one) < ROUNDING
     assert max_difference(one, runs["one"][0]) > 10 * ROUNDING  # another method than ZO-SGD: other weights
+
+
+def test_a_model_sharded_by_fsdp2_at_load_time_trains_as_the_whole_model_data_parallel(runs, tmp_path_factory):
+    """`from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))` and ZOTrainer: the same losses and, gathered,
+    the same weights as the whole model's 2-process data-parallel run, bit for bit; the saved model loads whole."""
+    from transformers import AutoModelForCausalLM
+
+    sharded, whole = runs["sharded"], runs["data"]
+    for rank in (0, 1):
+        assert max_difference(sharded[rank], whole[rank]) == 0.0
+        assert [e["loss"] for e in sharded[rank]["log"] if "loss" in e] == [e["loss"] for e in whole[rank]["log"] if "loss" in e]
+    export = next(Path(p) for p in tmp_path_factory.getbasetemp().glob("dist*/sharded/export"))
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    assert all(torch.equal(p, sharded[0]["params"][n]) for n, p in loaded.named_parameters())
 
 
 def test_fp16_mixed_precision_trains_data_parallel(runs):
