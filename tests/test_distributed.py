@@ -60,7 +60,12 @@ def runs(tmp_path_factory):
         # a ZO optimizer with state (momentum rebuilt from seeds) and a step rule that reduces curvatures too
         "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
         "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
-        "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config"),
+        "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config",
+                          "--save_steps", "2"),
+        "sharded-resumed": launch(TWO_PROCESSES, tmp / "sharded-resumed", "--batch", "4", "--queries", "4",
+                                  "--distributed_config", "--resume", str(tmp / "sharded" / "checkpoint-2")),
+        "sharded-resumed-whole": launch(ONE_PROCESS, tmp / "sharded-resumed-whole", "--batch", "8", "--queries", "4",
+                                        "--resume", str(tmp / "sharded" / "checkpoint-2")),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
         **{f"{mode}-block{suffix}": launch(TWO_PROCESSES, tmp / f"{mode}-block{suffix}", "--batch", "4", "--queries",
@@ -116,6 +121,23 @@ def test_a_model_sharded_by_fsdp2_at_load_time_trains_as_the_whole_model_data_pa
     export = next(Path(p) for p in tmp_path_factory.getbasetemp().glob("dist*/sharded/export"))
     loaded = AutoModelForCausalLM.from_pretrained(export)
     assert all(torch.equal(p, sharded[0]["params"][n]) for n, p in loaded.named_parameters())
+
+
+def test_a_sharded_run_resumes_exactly_sharded_and_whole_on_one_process(runs):
+    """Its checkpoint holds the weights whole: resumed on 2 processes, sharded again, the run ends bit for bit as
+    without the stop; resumed on 1 process, whole, on the same global batch, it ends as the 1-process run rounds."""
+    sharded = runs["sharded"]
+    for rank in (0, 1):
+        assert max_difference(runs["sharded-resumed"][rank], sharded[rank]) == 0.0
+    (whole,) = runs["sharded-resumed-whole"]
+    assert whole["world"] == 1 and max_difference(whole, sharded[0]) < ROUNDING
+
+
+def test_checkpoints_of_a_sharded_model_with_a_momentum_buffer_are_refused_before_training(tmp_path):
+    done = run_script(TWO_PROCESSES, tmp_path, "--distributed_config", "--save_steps", "2", "--zo", "zo_momentum=0.9")
+    assert done.returncode != 0
+    assert "the optimizer must keep no parameter-sized state: use zo_optimizer='sgd' with zo_momentum=0" in done.stderr
+    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_fp16_mixed_precision_trains_data_parallel(runs):
@@ -183,7 +205,8 @@ def test_uneven_query_splits_are_refused_for_a_compute_loss_of_its_own(tmp_path)
 def test_fsdp_is_refused_with_a_clear_error(tmp_path):
     done = run_script(TWO_PROCESSES, tmp_path, "--fsdp")
     assert done.returncode != 0
-    assert "ZO training does not support FSDP or DeepSpeed sharding" in done.stderr
+    assert "ZO training does not take accelerate's FSDP or DeepSpeed plugins" in done.stderr
+    assert "distributed_config=DistributedConfig(fsdp_size=N)" in done.stderr
 
 
 FSDP_SCRIPT = ROOT / "tests" / "distributed_fsdp.py"

@@ -40,6 +40,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, TrainOutput
 
+from .zo import sharding
+
 logger = logging.getLogger(__name__)
 
 RECORD_NAME = "complete.json"
@@ -230,6 +232,21 @@ def _remove_dir(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _refuse_sharded_optimizer_state(args) -> None:
+    """A checkpoint of a model sharded by FSDP2 holds the optimizer's state whole, written by process 0: only a ZO
+    optimizer without parameter-sized state (seeds and scalars) can be saved so."""
+    buffers = args.zo_write_grad or args.training_order != "zo" or args.zo_optimizer != "sgd" \
+        or (args.zo_momentum and not args.zo_momentum_history) or args.block_schedule
+    if buffers:
+        raise ValueError(
+            "checkpoints of a model sharded at load time (distributed_config) are written whole by process 0, so the "
+            "optimizer must keep no parameter-sized state: use zo_optimizer='sgd' with zo_momentum=0 or with "
+            "zo_momentum_history > 0 (momentum rebuilt from seeds), training_order='zo' and no block_schedule or "
+            f"zo_write_grad (got zo_optimizer={args.zo_optimizer!r}, zo_momentum={args.zo_momentum}, "
+            f"zo_momentum_history={args.zo_momentum_history}, training_order={args.training_order!r}, "
+            f"zo_write_grad={args.zo_write_grad}); or save_only_model=True, whose checkpoints cannot be resumed")
+
+
 def _first_non_finite(model: torch.nn.Module) -> tuple[str, int, int] | None:
     """(name, non-finite entries, entries) of the first parameter holding a nan or inf.
 
@@ -290,8 +307,19 @@ class CheckpointSafety:
     minutes between two checkpoints.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, *positional, **kwargs):
+        # transformers refuses checkpoints of a model sharded at load time (it cannot gather its optimizer's state);
+        # a ZO optimizer without parameter-sized state is saved whole, and the weights are loaded back row by row
+        sharded = getattr(model, "is_distributed_loading_by_transformers", False) and not args.save_only_model \
+            and args.save_strategy != SaveStrategy.NO
+        if sharded:
+            _refuse_sharded_optimizer_state(args)
+            args.save_only_model = True
+        try:
+            super().__init__(model, args, *positional, **kwargs)
+        finally:
+            if sharded:
+                args.save_only_model = False
         self._stop_signal: int | None = None
         self._preempted_at: int | None = None
         self._new_learning_rate = False
@@ -407,6 +435,27 @@ class CheckpointSafety:
             )
         logger.warning("Resuming %s with changed settings (resume_allow_changes=True):\n%s", checkpoint, lines)
         self._new_learning_rate = "learning_rate" in breaking
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """`Trainer._load_from_checkpoint`; a model sharded by FSDP2 takes its rows of the checkpoint's whole
+        weights."""
+        model = self.model if model is None else model
+        if not any(sharding.is_sharded(p) for p in model.parameters()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if not os.path.isfile(path):
+            raise BrokenCheckpointError(f"{resume_from_checkpoint} has no model.safetensors to load a sharded model from")
+        whole = load_file(path)
+        missing = [name for name, _ in model.named_parameters() if name not in whole]
+        if missing:
+            raise BrokenCheckpointError(f"{path} lacks {missing[0]} (and {len(missing) - 1} more) of the model")
+        for name, p in model.named_parameters():
+            if sharding.is_sharded(p):
+                sharding.load_whole(p, whole[name])
+            else:
+                p.data.copy_(whole[name])
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """The checkpoint's scheduler holds the saved learning rate: an allowed new one replaces it."""

@@ -101,9 +101,11 @@ class ZOTrainer(CheckpointSafety, Trainer):
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled or bool(self.args.fsdp) or bool(self.args.deepspeed)
         if sharded and "zo" in orders:
             raise ValueError(
-                "ZO training does not support FSDP or DeepSpeed sharding: the probes perturb whole parameters "
-                "inside each module's forward. Use data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO "
-                "step already runs at inference memory. FO-only runs (training_order='fo') may shard."
+                "ZO training does not take accelerate's FSDP or DeepSpeed plugins (`fsdp`, `deepspeed`): to shard the "
+                "model, load it sharded by FSDP2, `from_pretrained(..., distributed_config=DistributedConfig("
+                "fsdp_size=N))` (transformers.distributed), and launch without the plugin; or train it whole on "
+                "every process, data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO step runs at inference "
+                "memory. FO-only runs (training_order='fo') may use the plugins."
             )
         if self.args.torch_compile and "zo" in orders:
             raise ValueError(

@@ -72,3 +72,10 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, fsdp_module):
             module.reshard()
+
+
+@torch.no_grad()
+def load_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
+    """``p = whole`` for a sharded ``p`` and the whole tensor (a checkpoint's): this process keeps its rows."""
+    local, first = local_rows(p)
+    local.copy_(whole.reshape(-1)[first : first + local.numel()])
