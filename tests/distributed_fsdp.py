@@ -2,12 +2,15 @@
 
     torchrun --nproc_per_node 2 tests/distributed_fsdp.py --out result.json [--train last_mlp] [--momentum 0.9]
         [--optimizer adam] [--data_parallel]
+    torchrun --nproc_per_node 2 tests/distributed_fsdp.py --out result.json --bf16
 
 Each process builds the same tiny Llama twice, shards one copy with ``fully_shard`` (every decoder layer, then the
 root; after its estimator is made, as accelerate shards after ZOTrainer's), and runs the engine's documented loop (`ZOEstimator` + `ZOSGD`) on both with the same batches: the global batch
 in every process, or with ``--data_parallel`` a batch of its own and the projected gradients averaged across the
 processes. Process 0 writes the probe losses of both runs, a held-out loss after the last step and the largest weight
-difference at the end (the sharded weights gathered whole) to ``--out``.
+difference at the end (the sharded weights gathered whole) to ``--out``. With ``--bf16`` the sharded model alone
+computes in bfloat16 from float32 shards (FSDP2's mixed precision), and what is written is whether a probe left the
+weights bitwise as they were, the dtypes a module computed with and kept, and the losses of 20 steps.
 """
 
 import argparse
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_llama  # noqa: E402
@@ -49,6 +52,31 @@ def train(model, estimator, args, rank, world):
     return losses
 
 
+def mixed_precision(args) -> dict:
+    model = tiny_llama(vocab_size=args.vocab, layers=2, use_cache=False, tie_word_embeddings=False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    computed = []
+    model.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda module, _: computed.append(str(module.weight.dtype)))
+    estimator = ZOEstimator(model, num_queries=2, seed=3)
+    batch = torch.randint(0, args.vocab, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, 0)
+    model.reshard()
+    restored = all(torch.equal(p.full_tensor(), before[name]) for name, p in model.named_parameters())
+    optimizer = ZOSGD(list(model.parameters()), estimator, lr=1e-2)
+    losses = []
+    for step in range(20):
+        probe = estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, step)
+        optimizer.accumulate(probe)
+        optimizer.step()
+        losses.append(probe.loss.item())
+    kept = sorted({str(p.dtype) for p in model.parameters()})
+    return {"restored": restored, "computed": sorted(set(computed)), "kept": kept, "losses": losses}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -57,9 +85,15 @@ def main():
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--data_parallel", action="store_true")
     parser.add_argument("--vocab", type=int, default=251)  # odd: the last process holds fewer rows
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.bf16:
+        result = mixed_precision(args)
+        if rank == 0:
+            Path(args.out).write_text(json.dumps(result))
+        return dist.destroy_process_group()
     whole = tiny_llama(vocab_size=args.vocab, layers=2, use_cache=False, tie_word_embeddings=False)
     if args.train == "last_mlp":
         for name, p in whole.named_parameters():

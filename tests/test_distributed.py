@@ -231,6 +231,18 @@ def test_an_fsdp2_sharded_model_trains_bitwise_as_the_whole_model(tmp_path, flag
     assert result["max_weight_change"] > 1e-3
 
 
+def test_fsdp2_mixed_precision_computes_in_bfloat16_keeps_float32_shards_and_restores_them_exactly(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564",
+           str(FSDP_SCRIPT), "--out", str(out), "--bf16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["computed"] == ["torch.bfloat16"] and result["kept"] == ["torch.float32"]
+    assert result["restored"]  # the probes' perturbed bfloat16 copies never reach the float32 shards
+    assert result["losses"][-1] < result["losses"][0] - 1e-3
+
+
 SHARDED_THE_OTHER_WAY = """
 import os, torch, torch.distributed as dist
 from torch import nn
