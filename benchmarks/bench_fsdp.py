@@ -8,8 +8,9 @@ the whole model trains, 4 x 256 tokens per process, data-parallel: the projected
 `bench_zo_step.py` model: "whole" gives every process the whole model, "sharded" shards it with ``fully_shard``
 (each decoder layer, then the root). Reported per process (the largest over the processes):
 
-* the resident memory of the model (after building and sharding it) and the peak of the steps, both above the
-  process's memory once torch, transformers and the process group are set up;
+* the bytes of weights the process holds between steps (its shards, or the whole model), and the peak resident
+  memory of the steps above the process's once torch, transformers and the process group are set up (FSDP2's
+  all-gather buffers and the layer gathered for each forward included);
 * the median time of a step, after one warm-up step;
 * the bytes each process receives per step: FSDP2's all-gathers (counted at ``dist.all_gather_single`` /
   ``all_gather_into_tensor``) and the data-parallel all-reduce of the q projected gradients.
@@ -76,7 +77,8 @@ def worker(args) -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    resident = rss_kib("VmRSS") - base
+    held = sum((p.to_local() if type(p).__name__ == "DTensor" else p).numel() * p.element_size()
+               for p in model.parameters())
     estimator = ZOEstimator(model, num_queries=1, seed=0)
     optimizer = ZOSGD([p for p in model.parameters() if p.requires_grad], estimator, lr=1e-4)
     generator = torch.Generator().manual_seed(rank)
@@ -95,7 +97,7 @@ def worker(args) -> None:
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - begin)
             bytes_per_step.append(sum(received) + (probe.projected_grads.numel() * 8 if world > 1 else 0))
-    mine = {"resident_mib": resident / 1024, "peak_mib": (rss_kib("VmHWM") - base) / 1024,
+    mine = {"weights_held_mib": held / 2**20, "peak_mib": (rss_kib("VmHWM") - base) / 1024,
             "step_s": statistics.median(times), "received_bytes_per_step": statistics.median(bytes_per_step)}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -131,9 +133,9 @@ def main() -> None:
     results = {f"{layout}, {world} process{'es' if world > 1 else ''}": launch(args.model, layout, world, args.steps)
                for layout, world in SETTINGS}
     print(f"{args.model}, ZO-SGD q=1, {BATCH}x{SEQUENCE} tokens per process, data-parallel (largest over processes)")
-    print(f"{'setting':24} {'model MiB':>10} {'peak MiB':>9} {'step s':>8} {'received per step':>18}")
+    print(f"{'setting':24} {'weights MiB':>10} {'peak MiB':>9} {'step s':>8} {'received per step':>18}")
     for name, r in results.items():
-        print(f"{name:24} {r['resident_mib']:10.1f} {r['peak_mib']:9.1f} {r['step_s']:8.3f} "
+        print(f"{name:24} {r['weights_held_mib']:10.1f} {r['peak_mib']:9.1f} {r['step_s']:8.3f} "
               f"{r['received_bytes_per_step'] / 2**20:14.1f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
