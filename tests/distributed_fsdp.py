@@ -1,16 +1,15 @@
 """ZO steps of an FSDP2-sharded model against the same steps of the whole model, in every process of a torchrun launch.
 
-    torchrun --nproc_per_node 2 tests/distributed_fsdp.py --out result.json [--train last_mlp] [--momentum 0.9]
-        [--optimizer adam] [--data_parallel]
-    torchrun --nproc_per_node 2 tests/distributed_fsdp.py --out result.json --bf16
+    torchrun --nproc_per_node 2 tests/distributed_fsdp.py --out result.json
 
-Each process builds the same tiny Llama twice, shards one copy with ``fully_shard`` (every decoder layer, then the
-root; after its estimator is made, as accelerate shards after ZOTrainer's), and runs the engine's documented loop (`ZOEstimator` + `ZOSGD`) on both with the same batches: the global batch
-in every process, or with ``--data_parallel`` a batch of its own and the projected gradients averaged across the
-processes. Process 0 writes the probe losses of both runs, a held-out loss after the last step and the largest weight
-difference at the end (the sharded weights gathered whole) to ``--out``. With ``--bf16`` the sharded model alone
-computes in bfloat16 from float32 shards (FSDP2's mixed precision), and what is written is whether a probe left the
-weights bitwise as they were, the dtypes a module computed with and kept, and the losses of 20 steps.
+Each variant (`VARIANTS`: what trains, the optimizer, data-parallel or not) builds the same tiny Llama twice, shards
+one copy with ``fully_shard`` (every decoder layer, then the root; after its estimator is made, as accelerate shards
+after ZOTrainer's), and runs the engine's documented loop (`ZOEstimator` + `ZOSGD`/`ZOAdam`) on both with the same
+batches: the global batch in every process, or data-parallel a batch of its own and the projected gradients averaged
+across the processes. Process 0 writes, per variant, the probe losses of both runs, a held-out loss after the last
+step and the largest weight difference at the end (the sharded weights gathered whole) to ``--out``. The variant
+"bf16" shards alone, computing in bfloat16 from float32 shards (FSDP2's mixed precision), and records whether a
+probe left the weights bitwise as they were, the dtypes a module computed with and kept, and the losses of 20 steps.
 """
 
 import argparse
@@ -29,21 +28,31 @@ from conftest import tiny_llama  # noqa: E402
 from zo_trainer.zo import ZOSGD, ZOAdam, ZOEstimator  # noqa: E402
 
 STEPS, BATCH, TOKENS = 3, 4, 16
+VOCAB = 251  # odd: the last process holds fewer rows
+# variant -> (what trains, optimizer, momentum, data-parallel)
+VARIANTS = {
+    "all": ("all", "sgd", 0.0, False),
+    "last-mlp-prefix-reuse": ("last_mlp", "sgd", 0.0, False),
+    "momentum-buffer": ("all", "sgd", 0.9, False),
+    "zo-adam": ("all", "adam", 0.0, False),
+    "data-parallel": ("all", "sgd", 0.0, True),
+}
 
 
-def train(model, estimator, args, rank, world):
+def train(model, estimator, variant, rank, world):
+    _, optimizer_name, momentum, data_parallel = VARIANTS[variant]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "adam":
+    if optimizer_name == "adam":
         optimizer = ZOAdam(trainable, estimator, lr=1e-3, weight_decay=0.1)
     else:
-        optimizer = ZOSGD(trainable, estimator, lr=1e-2, weight_decay=0.1, momentum=args.momentum)
+        optimizer = ZOSGD(trainable, estimator, lr=1e-2, weight_decay=0.1, momentum=momentum)
     losses = []
     for step in range(STEPS):
-        batch = torch.randint(0, args.vocab, (BATCH * world, TOKENS), generator=torch.Generator().manual_seed(step))
-        if args.data_parallel:
+        batch = torch.randint(0, VOCAB, (BATCH * world, TOKENS), generator=torch.Generator().manual_seed(step))
+        if data_parallel:
             batch = batch[rank * BATCH : (rank + 1) * BATCH]
         probe = estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, step)
-        if args.data_parallel:
+        if data_parallel:
             dist.all_reduce(probe.projected_grads)
             probe.projected_grads /= world
         losses.append(probe.losses.tolist())
@@ -52,8 +61,8 @@ def train(model, estimator, args, rank, world):
     return losses
 
 
-def mixed_precision(args) -> dict:
-    model = tiny_llama(vocab_size=args.vocab, layers=2, use_cache=False, tie_word_embeddings=False)
+def mixed_precision() -> dict:
+    model = tiny_llama(vocab_size=VOCAB, layers=2, use_cache=False, tie_word_embeddings=False)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
@@ -62,7 +71,7 @@ def mixed_precision(args) -> dict:
     computed = []
     model.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda module, _: computed.append(str(module.weight.dtype)))
     estimator = ZOEstimator(model, num_queries=2, seed=3)
-    batch = torch.randint(0, args.vocab, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
     estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, 0)
     model.reshard()
     restored = all(torch.equal(p.full_tensor(), before[name]) for name, p in model.named_parameters())
@@ -77,25 +86,9 @@ def mixed_precision(args) -> dict:
     return {"restored": restored, "computed": sorted(set(computed)), "kept": kept, "losses": losses}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", choices=("all", "last_mlp"), default="all")
-    parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    parser.add_argument("--data_parallel", action="store_true")
-    parser.add_argument("--vocab", type=int, default=251)  # odd: the last process holds fewer rows
-    parser.add_argument("--bf16", action="store_true")
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.bf16:
-        result = mixed_precision(args)
-        if rank == 0:
-            Path(args.out).write_text(json.dumps(result))
-        return dist.destroy_process_group()
-    whole = tiny_llama(vocab_size=args.vocab, layers=2, use_cache=False, tie_word_embeddings=False)
-    if args.train == "last_mlp":
+def against_the_whole_model(variant: str, rank: int, world: int) -> dict:
+    whole = tiny_llama(vocab_size=VOCAB, layers=2, use_cache=False, tie_word_embeddings=False)
+    if VARIANTS[variant][0] == "last_mlp":
         for name, p in whole.named_parameters():
             p.requires_grad_(name.startswith("model.layers.1.mlp."))
     sharded = copy.deepcopy(whole)
@@ -103,15 +96,15 @@ def main():
     for layer in sharded.model.layers:
         fully_shard(layer)
     fully_shard(sharded)
-    whole_losses = train(whole, ZOEstimator(whole, num_queries=2, seed=3), args, rank, world)
-    sharded_losses = train(sharded, estimator, args, rank, world)
-    held_out = torch.randint(0, args.vocab, (BATCH, TOKENS), generator=torch.Generator().manual_seed(99))
+    whole_losses = train(whole, ZOEstimator(whole, num_queries=2, seed=3), variant, rank, world)
+    sharded_losses = train(sharded, estimator, variant, rank, world)
+    held_out = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():  # a forward right after the last update: it must see the updated shards
         evaluated = [model(input_ids=held_out, labels=held_out).loss.item() for model in (whole, sharded)]
     sharded.reshard()
     gathered = {name: p.full_tensor() for name, p in sharded.named_parameters()}
-    before = tiny_llama(vocab_size=args.vocab, layers=2, use_cache=False, tie_word_embeddings=False).state_dict()
-    result = {
+    before = tiny_llama(vocab_size=VOCAB, layers=2, use_cache=False, tie_word_embeddings=False).state_dict()
+    return {
         "whole_losses": whole_losses,
         "sharded_losses": sharded_losses,
         "evaluated": evaluated,
@@ -119,8 +112,18 @@ def main():
         "max_weight_change": max((before[n] - p).abs().max().item() for n, p in whole.named_parameters()),
         "sharded": [n for n, p in sharded.named_parameters() if type(p).__name__ == "DTensor"],
     }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {variant: against_the_whole_model(variant, rank, world) for variant in VARIANTS}
+    results["bf16"] = mixed_precision()
     if rank == 0:
-        Path(args.out).write_text(json.dumps(result))
+        Path(args.out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 

@@ -212,18 +212,22 @@ def test_fsdp_is_refused_with_a_clear_error(tmp_path):
 FSDP_SCRIPT = ROOT / "tests" / "distributed_fsdp.py"
 
 
-@pytest.mark.parametrize("flags", [[], ["--train", "last_mlp"], ["--momentum", "0.9"], ["--optimizer", "adam"],
-                                   ["--data_parallel"]],
-                         ids=["all", "last-mlp-prefix-reuse", "momentum-buffer", "zo-adam", "data-parallel"])
-def test_an_fsdp2_sharded_model_trains_bitwise_as_the_whole_model(tmp_path, flags):
-    """The engine's loop on a `fully_shard`-ed model (2 processes, uneven shards) against the same loop on the whole
-    model in the same processes: the same probe losses and, gathered, the same weights, bit for bit."""
-    out = tmp_path / "result.json"
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    """Every variant of tests/distributed_fsdp.py, in one 2-process launch."""
+    out = tmp_path_factory.mktemp("fsdp") / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
-           str(FSDP_SCRIPT), "--out", str(out), *flags]
+           str(FSDP_SCRIPT), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("variant", ["all", "last-mlp-prefix-reuse", "momentum-buffer", "zo-adam", "data-parallel"])
+def test_an_fsdp2_sharded_model_trains_bitwise_as_the_whole_model(fsdp, variant):
+    """The engine's loop on a `fully_shard`-ed model (2 processes, uneven shards) against the same loop on the whole
+    model in the same processes: the same probe losses and, gathered, the same weights, bit for bit."""
+    result = fsdp[variant]
     assert len(result["sharded"]) == 21  # every parameter of the 2-layer Llama is a DTensor shard
     assert result["sharded_losses"] == result["whole_losses"]
     assert result["evaluated"][0] == result["evaluated"][1]  # a forward after the update sees the updated shards
@@ -231,13 +235,8 @@ def test_an_fsdp2_sharded_model_trains_bitwise_as_the_whole_model(tmp_path, flag
     assert result["max_weight_change"] > 1e-3
 
 
-def test_fsdp2_mixed_precision_computes_in_bfloat16_keeps_float32_shards_and_restores_them_exactly(tmp_path):
-    out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564",
-           str(FSDP_SCRIPT), "--out", str(out), "--bf16"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_fsdp2_mixed_precision_computes_in_bfloat16_keeps_float32_shards_and_restores_them_exactly(fsdp):
+    result = fsdp["bf16"]
     assert result["computed"] == ["torch.bfloat16"] and result["kept"] == ["torch.float32"]
     assert result["restored"]  # the probes' perturbed bfloat16 copies never reach the float32 shards
     assert result["losses"][-1] < result["losses"][0] - 1e-3
