@@ -87,6 +87,16 @@ def test_schedule_advances_switches_fo_zo_and_freezes(tmp_path):
     assert "zo_projected_grad" not in logs[0] and "zo_projected_grad" in logs[2]
 
 
+def test_a_block_without_a_learning_rate_of_its_own_takes_the_runs(tmp_path):
+    schedule = [{"name": "embedding", "parameters": ["model.embed_tokens.*"], "steps": 2, "training_order": "fo",
+                 "learning_rate": 0.1},
+                {"name": "layers", "parameters": ["model.layers.*"], "steps": 2, "training_order": "zo"}]
+    trainer = ZOTrainer(model=tiny_llama(), args=config(tmp_path, max_steps=100, block_schedule=schedule),
+                        train_dataset=random_token_dataset())
+    trainer.train()
+    assert [e["learning_rate"] for e in trainer.state.log_history if "loss" in e] == [0.1, 0.1, 1e-2, 1e-2]
+
+
 def test_epoch_lengths_follow_the_dataloader(tmp_path):
     schedule = [{"parameters": [LAYER0], "epochs": 0.5}, {"parameters": [LAYER1_MLP], "epochs": 1}]
     trainer = ZOTrainer(model=tiny_llama(), args=config(tmp_path, max_steps=100, block_schedule=schedule),

@@ -350,8 +350,8 @@ class ZOTrainer(CheckpointSafety, Trainer):
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         for name in names:  # an FO block starts with fresh optimizer state (ZO-SGD keeps none)
             optimizer.state.pop(self.model.get_parameter(name), None)
-        if block.learning_rate is not None:
-            self._set_base_learning_rate(block.learning_rate)
+        if any(b.learning_rate is not None for b in self.block_schedule.blocks):  # the others take the run's
+            self._set_base_learning_rate(self.args.learning_rate if block.learning_rate is None else block.learning_rate)
 
     def _set_base_learning_rate(self, learning_rate: float) -> None:
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
