@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP workers stall parallel runs
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -69,6 +70,9 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "zo-normalized": (dict(zo_step_rule="normalized"), [1e-4, 3e-4, 1e-3]),
     "zo-spread-q4": (dict(zo_num_queries=4, zo_step_rule="spread"), [1e-4, 3e-4, 1e-3]),
     "zo-lowrank": (dict(zo_distribution="lowrank"), [1e-3, 3e-3, 1e-2]),
+    # blockwise (paper §3.2): the embedding (tied to the head) by first-order SGD for a quarter of the budget at
+    # fo-sgd's best rate, then the layers by ZO-SGD (the ZO estimate fed to the same SGD); the grid is the ZO block's
+    "zo-blockwise-fo-embedding": (dict(optim="sgd", fo_share=0.25, fo_learning_rate=0.1), [1e-4, 3e-4, 1e-3]),
     # fine-tuning from a first-order pretrained base (`--methods` names them; not in the default set): a LoRA
     # adapter (examples/zo_peft.py's: r 8 on q_proj and v_proj, MeZO's ε 1e-2 for LoRA) and the full weights
     "fo-lora": (dict(training_order="fo", optim="adamw_torch"), [1e-3, 3e-3, 1e-2]),
@@ -87,11 +91,31 @@ def forwards_per_step(settings: dict) -> int:
     return 2 * settings.get("zo_num_queries", 1) + (settings.get("zo_step_rule") == "newton")
 
 
+def schedule(settings: dict, budget: int) -> tuple[dict, list[int]]:
+    """The ZOConfig settings of a method for ``budget`` forwards, and the forwards each of its steps costs: a
+    blockwise method (``fo_share``) spends that share of the budget on the first-order embedding block."""
+    settings = dict(settings)
+    share, fo_lr = settings.pop("fo_share", None), settings.pop("fo_learning_rate", None)
+    if share is None:
+        per_step = forwards_per_step(settings)
+        return settings, [per_step] * (budget // per_step)
+    fo_steps = round(budget * share / FO_STEP_FORWARDS)
+    zo_per_step = forwards_per_step(settings)
+    zo_steps = (budget - fo_steps * FO_STEP_FORWARDS) // zo_per_step
+    settings["block_schedule"] = [
+        {"name": "embedding", "parameters": ["model.embed_tokens.*"], "steps": fo_steps, "training_order": "fo",
+         "learning_rate": fo_lr},
+        {"name": "layers", "parameters": ["model.layers.*", "model.norm.*"], "steps": zo_steps, "training_order": "zo"},
+    ]
+    return settings, [FO_STEP_FORWARDS] * fo_steps + [zo_per_step] * zo_steps
+
+
 class _Curve(TrainerCallback):
     """Held-out loss against forwards and wall time, at the evaluations the Trainer runs."""
 
-    def __init__(self, per_step: int):
-        self.per_step, self.points, self.start = per_step, [], time.monotonic()
+    def __init__(self, costs: list[int]):
+        self.spent = [0, *itertools.accumulate(costs)]  # forwards after each step
+        self.points, self.start = [], time.monotonic()
         self.last_estimate = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -99,7 +123,7 @@ class _Curve(TrainerCallback):
             self.last_estimate = logs["zo_projected_grad_abs"]
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.points.append({"step": state.global_step, "forwards": state.global_step * self.per_step,
+        self.points.append({"step": state.global_step, "forwards": self.spent[state.global_step],
                             "seconds": round(time.monotonic() - self.start, 2), "eval_loss": metrics["eval_loss"]})
 
 
@@ -107,7 +131,10 @@ def kept_bytes(trainer: ZOTrainer) -> int:
     """Bytes a method keeps above the weights during a step: the gradient (first order; the Trainer frees it
     after the step) and the optimizer state tensors."""
     total = 0
-    if trainer.args.training_order == "fo":
+    sizes = {n: p.numel() * p.element_size() for n, p in trainer.model.named_parameters()}
+    if trainer.block_schedule is not None:  # each block's gradient (a ZO block's estimate written to .grad)
+        total += max(sum(map(sizes.get, names)) for names in trainer.block_schedule.names.values())
+    elif trainer.args.training_order == "fo":
         total += sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     for state in optimizer.state.values():
@@ -118,9 +145,8 @@ def kept_bytes(trainer: ZOTrainer) -> int:
 
 
 def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out: Path) -> dict:
-    settings, _ = METHODS[name]
-    per_step = forwards_per_step(settings)
-    steps = budget // per_step
+    settings, costs = schedule(METHODS[name][0], budget)
+    steps = len(costs)
     tokenizer, train, valid = data
     set_seed(seed)
     model = new_model(tokenizer) if name not in FROM_BASE else base_model(out, FROM_BASE[name])
@@ -129,7 +155,7 @@ def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out:
                     eval_strategy="steps", eval_steps=max(1, steps // evals), logging_steps=max(1, steps // evals),
                     save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, max_grad_norm=0.0,
                     **settings)
-    curve = _Curve(per_step)
+    curve = _Curve(costs)
     trainer = ZOTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
                         data_collator=default_data_collator, callbacks=[curve])
     initial = trainer.evaluate()["eval_loss"]
