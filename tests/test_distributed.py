@@ -20,6 +20,10 @@ ROUNDING = 1e-4  # see tests/test_zo_trainer.py: equal runs in a different float
 
 NEWTON = ["zo_step_rule=\"newton\"", "learning_rate=0.5", "zo_momentum=0.9", "zo_momentum_history=2"]
 
+BLOCKS = ('block_schedule=[{"name": "embedding", "parameters": ["model.embed_tokens.*"], "steps": 2, '
+          '"training_order": "fo", "learning_rate": 0.1}, {"name": "layers", "parameters": ["model.layers.*"], '
+          '"steps": 2, "training_order": "zo"}]')
+
 pytestmark = pytest.mark.slow
 
 
@@ -66,6 +70,10 @@ def runs(tmp_path_factory):
                                   "--distributed_config", "--resume", str(tmp / "sharded" / "checkpoint-2")),
         "sharded-resumed-whole": launch(ONE_PROCESS, tmp / "sharded-resumed-whole", "--batch", "8", "--queries", "4",
                                         "--resume", str(tmp / "sharded" / "checkpoint-2")),
+        # a first-order block (the embedding) then a ZO block, whole (DDP) and sharded (FSDP2's backward)
+        **{name: launch(TWO_PROCESSES, tmp / name, "--batch", "4", "--queries", "2", "--steps", "4", *flags,
+                        "--zo", BLOCKS, 'optim="sgd"')
+           for name, flags in (("fo-then-zo", ()), ("fo-then-zo-sharded", ("--distributed_config",)))},
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
         **{f"{mode}-block{suffix}": launch(TWO_PROCESSES, tmp / f"{mode}-block{suffix}", "--batch", "4", "--queries",
@@ -121,6 +129,17 @@ def test_a_model_sharded_by_fsdp2_at_load_time_trains_as_the_whole_model_data_pa
     export = next(Path(p) for p in tmp_path_factory.getbasetemp().glob("dist*/sharded/export"))
     loaded = AutoModelForCausalLM.from_pretrained(export)
     assert all(torch.equal(p, sharded[0]["params"][n]) for n, p in loaded.named_parameters())
+
+
+def test_a_first_order_block_trains_a_sharded_model_through_fsdp2s_backward_as_ddp_does(runs):
+    """FO steps reduce-scatter the gradient (FSDP2) where DDP all-reduces it: equal to float rounding; the ZO block
+    that follows stays within it."""
+    for rank in (0, 1):
+        sharded, whole = runs["fo-then-zo-sharded"][rank], runs["fo-then-zo"][rank]
+        assert max_difference(sharded, whole) < 1e-6
+        moved = {n for n, p in whole["init"].items() if not torch.equal(p, whole["params"][n])}
+        assert any("embed" in n for n in moved) and any("layers" in n for n in moved)  # both blocks trained
+        assert [e["block_name"] for e in sharded["log"] if "loss" in e] == ["embedding"] * 2 + ["layers"] * 2
 
 
 def test_a_sharded_run_resumes_exactly_sharded_and_whole_on_one_process(runs):

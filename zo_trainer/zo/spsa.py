@@ -149,6 +149,8 @@ class ZOEstimator:
             for k in queries:
                 for sign in (+1.0, -1.0) if self.estimator == "central" else (+1.0,):
                     losses.append(self._perturbed_loss(loss_fn, rng, trainable, step, k, sign, prefix))
+        sharding.reshard(self.model)  # FSDP2 keeps the root whole after a forward: an update of the shards (any
+        # optimizer's) would not reach the next forward
         losses = torch.stack(losses)
         projected = torch.zeros(self.num_queries, dtype=torch.float64, device=losses.device)
         curvatures = None
