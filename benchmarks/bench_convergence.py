@@ -6,6 +6,7 @@
     python benchmarks/bench_convergence.py --threads 1 --methods fo-sgd fo-adamw zo-sgd &
     python benchmarks/bench_convergence.py --threads 1 --methods zo-adam zo-newton; wait
     python benchmarks/bench_convergence.py --report-only
+    python benchmarks/bench_convergence.py --memory-only          # only the peak memory of each kept setting
 
 fo-galore and fo-apollo need `pip install galore-torch apollo-torch` (transformers' `optim="galore_adamw"` and
 `"apollo_adamw"`).
@@ -15,9 +16,12 @@ costs its 2q forwards, +1 for the Newton rule; a first-order step counts 3: one 
 two), the same three-point learning-rate grid around its family's usual value (extended while its best point is at
 an edge), the learning rate with the lowest final held-out loss on seed 0 is kept, then that setting runs on every seed. Held-out loss is measured at
 ``--evals`` points of the budget. Memory above the weights is what the method keeps between steps (gradients and
-optimizer state, counted on the live tensors); activations are the same for all methods but FO's backward.
-Output: ``<out>/runs.jsonl`` (one line per run, appended, so a rerun skips what is done) and ``<out>/report.md``
-with ``<out>/curves.png``.
+optimizer state, counted on the live tensors); activations are the same for all methods but FO's backward. Peak
+memory is measured for each kept setting in a fresh process of its own, over ``--memory-budget`` forwards of training
+(no evaluation): the resident set's peak during training (VmHWM, reset after the model, the data and the Trainer are
+built), in all and above the resident set at its start (weights, data and libraries loaded).
+Output: ``<out>/runs.jsonl`` (one line per run, appended, so a rerun skips what is done), ``<out>/memory.jsonl``,
+and ``<out>/report.md`` with ``<out>/curves.png``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP workers stall parallel runs
 
 import argparse
+import ctypes
 import itertools
 import json
 import logging
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +47,7 @@ from transformers import TrainerCallback, default_data_collator, set_seed
 
 from zo_trainer.config import ZOConfig
 from zo_trainer.data import DataArguments, build_lm_datasets, load_raw_dataset
+from zo_trainer.memory import peak_memory_mb, reset_peak_memory
 from zo_trainer.modeling import ModelArguments, build_model, tokenizer_vocab_size
 from zo_trainer.tokenizer import build_tokenizer
 from zo_trainer.trainer import ZOTrainer
@@ -69,6 +76,8 @@ METHODS: dict[str, tuple[dict, list[float]]] = {
     "zo-newton": (dict(zo_step_rule="newton"), [0.3, 1.0, 3.0]),
     "zo-normalized": (dict(zo_step_rule="normalized"), [1e-4, 3e-4, 1e-3]),
     "zo-spread-q4": (dict(zo_num_queries=4, zo_step_rule="spread"), [1e-4, 3e-4, 1e-3]),
+    # HiZOO's diagonal-Hessian preconditioner, its Hessian_smooth α at 1e-2 (the largest of HiZOO's schedules)
+    "zo-hizoo": (dict(zo_optimizer="hizoo", zo_hessian_smooth=1e-2), [1e-4, 3e-4, 1e-3]),
     "zo-lowrank": (dict(zo_distribution="lowrank"), [1e-3, 3e-3, 1e-2]),
     # blockwise (paper §3.2): the embedding (tied to the head) by first-order SGD for a quarter of the budget at
     # fo-sgd's best rate, then the layers by ZO-SGD (the ZO estimate fed to the same SGD); the grid is the ZO block's
@@ -88,7 +97,8 @@ BASE = dict(training_order="fo", optim="adamw_torch", learning_rate=1e-3, max_st
 def forwards_per_step(settings: dict) -> int:
     if settings.get("training_order") == "fo":
         return FO_STEP_FORWARDS
-    return 2 * settings.get("zo_num_queries", 1) + (settings.get("zo_step_rule") == "newton")
+    with_base = settings.get("zo_step_rule") == "newton" or settings.get("zo_optimizer") == "hizoo"  # L0
+    return 2 * settings.get("zo_num_queries", 1) + with_base
 
 
 def schedule(settings: dict, budget: int) -> tuple[dict, list[int]]:
@@ -144,20 +154,29 @@ def kept_bytes(trainer: ZOTrainer) -> int:
     return total
 
 
-def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out: Path) -> dict:
+def new_trainer(data, name: str, lr: float, seed: int, budget: int, evals: int | None, out: Path):
+    """The Trainer of one run and the forwards each of its steps costs; ``evals=None``: no evaluation."""
     settings, costs = schedule(METHODS[name][0], budget)
     steps = len(costs)
     tokenizer, train, valid = data
     set_seed(seed)
     model = new_model(tokenizer) if name not in FROM_BASE else base_model(out, FROM_BASE[name])
+    every = max(1, steps // (evals or 1))
     args = ZOConfig(output_dir=str(out / "scratch" / f"{name}-{lr:g}-{seed}"), overwrite_output_dir=True,
                     max_steps=steps, learning_rate=lr, seed=seed, zo_seed=seed, per_device_train_batch_size=8, per_device_eval_batch_size=32, lr_scheduler_type="constant",
-                    eval_strategy="steps", eval_steps=max(1, steps // evals), logging_steps=max(1, steps // evals),
+                    eval_strategy="steps" if evals else "no", eval_steps=every, logging_steps=every,
                     save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, max_grad_norm=0.0,
                     **settings)
-    curve = _Curve(costs)
     trainer = ZOTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                        data_collator=default_data_collator, callbacks=[curve])
+                        data_collator=default_data_collator)
+    return trainer, costs
+
+
+def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out: Path) -> dict:
+    trainer, costs = new_trainer(data, name, lr, seed, budget, evals, out)
+    curve = _Curve(costs)
+    trainer.add_callback(curve)
+    steps, tokenizer, model = len(costs), data[0], trainer.model
     initial = trainer.evaluate()["eval_loss"]
     curve.points.clear()
     curve.start = time.monotonic()
@@ -172,6 +191,34 @@ def run_one(data, name: str, lr: float, seed: int, budget: int, evals: int, out:
             "uniform_loss": math.log(len(tokenizer)), "frozen": curve.last_estimate == 0.0,
             "seconds": round(time.monotonic() - curve.start, 1), "kept_bytes": kept_bytes(trainer),
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def measure_peak(data, name: str, lr: float, budget: int, out: Path) -> dict:
+    """The resident set of training alone (`zo_trainer.memory`), in MiB: at its start and at its peak. Freed heap is
+    handed back first, so the peak counts what this run allocates (call it in a fresh process)."""
+    trainer, _ = new_trainer(data, name, lr, 0, budget, None, out)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_memory()
+    start = peak_memory_mb()
+    trainer.train()
+    return {"method": name, "lr": lr, "budget": budget, "start_mib": round(start, 1),
+            "peak_mib": round(peak_memory_mb(), 1)}
+
+
+def peak_of(name: str, lr: float, args) -> dict:
+    """`measure_peak` in a process of its own (``--measure``), cached in ``<out>/memory.jsonl``."""
+    log = args.out / "memory.jsonl"
+    for row in (json.loads(line) for line in log.read_text().splitlines()) if log.is_file() else ():
+        if (row["method"], row["lr"], row["budget"]) == (name, lr, args.memory_budget):
+            return row
+    command = [sys.executable, __file__, "--measure", name, repr(lr), "--memory-budget", str(args.memory_budget),
+               "--out", str(args.out), *(["--threads", str(args.threads)] if args.threads else [])]
+    row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    with log.open("a") as file:
+        file.write(json.dumps(row) + "\n")
+    print(f"{name:22s} lr={lr:<8g} peak {row['peak_mib']} MiB, {row['peak_mib'] - row['start_mib']:.1f} above its start",
+          flush=True)
+    return row
 
 
 def new_model(tokenizer):
@@ -224,15 +271,22 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure the peak memory of each method's kept setting, then write the report")
+    parser.add_argument("--memory-budget", type=int, default=120, help="forwards of training per peak measurement")
+    parser.add_argument("--measure", nargs=2, metavar=("METHOD", "LR"), help=argparse.SUPPRESS)  # peak_of's process
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.measure:
+        print(json.dumps(measure_peak(load_data(), args.measure[0], float(args.measure[1]), args.memory_budget, args.out)))
+        return None
     log = args.out / "runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    if args.report_only:
-        return write_report([row for row in done if row["budget"] == args.budget], args)
+    if args.report_only or args.memory_only:
+        return write_report([row for row in done if row["budget"] == args.budget], args, measure=args.memory_only)
     data = load_data()
     if any(name in FROM_BASE for name in args.methods):
         train_base(data, args.out)
@@ -259,7 +313,7 @@ def main(argv=None) -> None:
             best = min(sweep, key=lambda lr: _score(sweep[lr]))
         for seed in args.seeds[1:]:
             result(name, best, seed)
-    write_report([row for row in done if row["budget"] == args.budget], args)
+    write_report([row for row in done if row["budget"] == args.budget], args, measure=True)
 
 
 def _next_on_ladder(lr: float, up: bool) -> float:
@@ -290,7 +344,8 @@ def _best(rows: list[dict], name: str, first_seed: int) -> float:
     return min((r for r in rows if r["method"] == name and r["seed"] == first_seed), key=_score)["lr"]
 
 
-def write_report(rows: list[dict], args) -> None:
+def write_report(rows: list[dict], args, measure: bool = False) -> None:
+    """The report of ``rows``; ``measure``: the peak memory of each kept setting is measured where not cached."""
     names = [n for n in args.methods if any(r["method"] == n for r in rows)]
     table, curves = [], {}
     fo_sgd = None
@@ -306,9 +361,11 @@ def write_report(rows: list[dict], args) -> None:
                                           key=lambda r: r["lr"]))
         tried = [r["lr"] for r in rows if r["method"] == name and r["seed"] == args.seeds[0]]
         edge = " (grid edge)" if lr in (min(tried), max(tried)) else ""
+        peak = peak_of(name, lr, args) if measure else _cached_peak(name, lr, args)
+        peak = f"{peak['peak_mib'] - peak['start_mib']:.0f} / {peak['peak_mib']:.0f}" if peak else "not measured"
         table.append((name, f"{lr:g}{edge}", len(runs), statistics.mean(finals) if finals else math.nan,
                       statistics.mean(drops) if drops else math.nan, spread, seconds, runs[0]["kept_bytes"],
-                      runs[0]["weight_bytes"], sweep))
+                      runs[0]["weight_bytes"], peak, sweep))
         curves[name] = runs
         if name == "fo-sgd":
             fo_sgd = runs
@@ -331,17 +388,20 @@ def write_report(rows: list[dict], args) -> None:
         f"{args.seeds[0]} among the runs that neither diverged nor froze (a model pinned at the uniform prediction "
         "ln V, every estimate exactly 0) is kept, then every seed runs it. Drop = untrained minus final held-out loss (nat), mean "
         "and standard deviation over the seeds. Kept memory = gradients and optimizer state between steps, above "
-        "the weights. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it. Wall "
+        f"the weights. Peak = the resident set's peak over {args.memory_budget} forwards of training with the kept "
+        "setting, in a fresh process: above the resident set at the start of training (weights, data and libraries "
+        "loaded) / in all, in MiB; at 1.3M parameters (5 MiB of weights) it is the activations and the logits "
+        "(8 x 128 x 4096 floats: 16 MiB) that it counts. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it. Wall "
         "times are as run (here two runs at a time, one torch thread each, on a shared 2-core machine): compare them "
         "within this report only.",
         "",
-        "| method | lr | seeds | final loss | drop (nat) | ± | median s | kept memory / weights | sweep (seed "
-        f"{args.seeds[0]}: lr: final) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | lr | seeds | final loss | drop (nat) | ± | median s | kept memory / weights | peak MiB (above "
+        f"start / total) | sweep (seed {args.seeds[0]}: lr: final) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, lr, n, final, drop, spread, seconds, kept, weights, sweep in table:
+    for name, lr, n, final, drop, spread, seconds, kept, weights, peak, sweep in table:
         lines.append(f"| {name} | {lr} | {n} | {final:.3f} | {drop:.3f} | {spread:.3f} | {seconds:.0f} | "
-                     f"{kept / weights:.2f} | {sweep} |")
+                     f"{kept / weights:.2f} | {peak} | {sweep} |")
     if fo_sgd:
         lines += ["", "Forwards each ZO method needs to reach FO-SGD's held-out loss at points of FO-SGD's curve "
                   "(seed-mean curves; '>' = not reached within the budget):", "",
@@ -360,6 +420,12 @@ def write_report(rows: list[dict], args) -> None:
     lines += ["", "![held-out loss against forward passes and wall time](curves.png)", ""]
     (args.out / "report.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _cached_peak(name: str, lr: float, args) -> dict | None:
+    log = args.out / "memory.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return next((r for r in rows if (r["method"], r["lr"], r["budget"]) == (name, lr, args.memory_budget)), None)
 
 
 def _mean_curve(runs: list[dict]) -> list[dict]:

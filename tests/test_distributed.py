@@ -19,6 +19,8 @@ TWO_MACHINES = ["--config_file", str(ROOT / "accelerate_configs" / "multi_node.y
 ROUNDING = 1e-4  # see tests/test_zo_trainer.py: equal runs in a different float order agree to ~1e-5
 
 NEWTON = ["zo_step_rule=\"newton\"", "learning_rate=0.5", "zo_momentum=0.9", "zo_momentum_history=2"]
+# a preconditioner with a parameter-sized buffer, and a step rule that reads every query's perturbed losses
+HIZOO_SPREAD = ["zo_optimizer=\"hizoo\"", "zo_hessian_smooth=0.5", "zo_step_rule=\"spread\"", "learning_rate=1e-2"]
 
 BLOCKS = ('block_schedule=[{"name": "embedding", "parameters": ["model.embed_tokens.*"], "steps": 2, '
           '"training_order": "fo", "learning_rate": 0.1}, {"name": "layers", "parameters": ["model.layers.*"], '
@@ -64,6 +66,9 @@ def runs(tmp_path_factory):
         # a ZO optimizer with state (momentum rebuilt from seeds) and a step rule that reduces curvatures too
         "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
         "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
+        "hizoo-one": launch(ONE_PROCESS, tmp / "hizoo-one", "--batch", "8", "--queries", "4", "--zo", *HIZOO_SPREAD),
+        "hizoo-query": launch(TWO_PROCESSES, tmp / "hizoo-query", "--batch", "4", "--queries", "4", "--parallel",
+                              "query", "--zo", *HIZOO_SPREAD),
         "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config",
                           "--save_steps", "2"),
         "sharded-resumed": launch(TWO_PROCESSES, tmp / "sharded-resumed", "--batch", "4", "--queries", "4",
@@ -87,7 +92,7 @@ def max_difference(a, b):
     return max((a["params"][n] - b["params"][n]).abs().max().item() for n in a["params"])
 
 
-@pytest.mark.parametrize("mode", ["data", "query", "fp16", "newton-data", "machines"])
+@pytest.mark.parametrize("mode", ["data", "query", "fp16", "newton-data", "hizoo-query", "machines"])
 def test_replicas_stay_bitwise_identical(runs, mode):
     rank0, rank1 = runs[mode]
     assert rank0["world"] == rank1["world"] == 2
@@ -111,9 +116,10 @@ def test_prefix_reuse_leaves_parallel_steps_bitwise_the_same(runs, mode):
     assert max_difference(reused, {"params": reused["init"]}) > 0  # the block trained
 
 
-def test_a_zo_optimizer_with_state_runs_data_parallel_as_on_one_process(runs):
-    (one,) = runs["newton-one"]
-    assert max_difference(runs["newton-data"][0], one) < ROUNDING
+@pytest.mark.parametrize("method, mode", [("newton", "data"), ("hizoo", "query")])
+def test_a_zo_optimizer_with_state_runs_in_parallel_as_on_one_process(runs, method, mode):
+    (one,) = runs[f"{method}-one"]
+    assert max_difference(runs[f"{method}-{mode}"][0], one) < ROUNDING
     assert max_difference(one, runs["one"][0]) > 10 * ROUNDING  # another method than ZO-SGD: other weights
 
 

@@ -209,6 +209,21 @@ def test_recipe_runs_at_cpu_scale(recipe, tmp_path):
     assert (out / "README.md").is_file() and (out / "training_args.bin").is_file()
 
 
+def test_the_untrained_loss_is_that_of_the_model_with_its_first_block_reinitialised(tmp_path):
+    """At learning rate 0 a run ends where it starts: its eval loss equals its untrained eval loss only where the
+    untrained loss is measured after the first block's re-initialisation; the block without reinit starts elsewhere."""
+    def results(reinit: bool, out: Path) -> dict:
+        block = {"name": "last_mlp", "parameters": ["model.layers.-1.mlp.*"], "steps": 2, "reinit": reinit}
+        pretrain_zo.main(["--config", str(RECIPES / "paper" / "fig5_zo_q1.yaml"), "--scale", "cpu", "--output_dir",
+                          str(out), "--learning_rate", "0", "--block_schedule", json.dumps([block]), *TINY])
+        return _json(out / "all_results.json")
+
+    reinitialised, kept = results(True, tmp_path / "reinit"), results(False, tmp_path / "kept")
+    assert reinitialised["eval_loss"] == reinitialised["init_eval_loss"]
+    assert kept["eval_loss"] == kept["init_eval_loss"]
+    assert abs(reinitialised["init_eval_loss"] - kept["init_eval_loss"]) > 1e-4  # the block was redrawn
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """The no-argument code path (recipes/default.yaml), with only output_dir and max_steps overridden."""

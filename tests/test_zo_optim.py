@@ -1,5 +1,5 @@
 """The ZO optimizers against independent references: torch's own optimizers fed a naive SPSA estimate that
-materialises z, hand-written sign and truncated-momentum updates, and the exact line search on a quadratic."""
+materialises z, hand-written sign, truncated-momentum and HiZOO updates, and the exact line search on a quadratic."""
 
 import math
 
@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from zo_trainer import ZOConfig, ZOTrainer
-from zo_trainer.zo import ZOAdam, ZOEstimator, ZOSGD, ZOSign
+from zo_trainer.zo import ZOAdam, ZOEstimator, ZOHiZOO, ZOSGD, ZOSign, perturbation
 
 from conftest import random_token_dataset, tiny_llama
 
@@ -36,15 +36,17 @@ def naive_coefficients(model, params, sampler, step, rule, moments):
         return float64_loss(functional_call(model, values, args=(batch(),)).logits, batch()).item()
 
     zs = [{n: sampler.direction(n, p.shape, step, k).double() for n, p in params.items()} for k in range(QUERIES)]
-    base, coefficients = loss(params), []
+    base, coefficients, perturbed = loss(params), [], []
     for z in zs:
         plus = loss({n: p + EPS * z[n] for n, p in params.items()})
         minus = loss({n: p - EPS * z[n] for n, p in params.items()})
+        perturbed += [plus, minus]
         slope, curvature = (plus - minus) / (2 * EPS), (plus + minus - 2 * base) / EPS**2
         coefficients.append(slope if rule != "newton" else (max(-1e-2, min(1e-2, slope / curvature)) if curvature > 0 else 0.0))
-    if rule == "spread":
-        rms = math.sqrt(sum(c * c for c in coefficients) / QUERIES)
-        coefficients = [c / rms for c in coefficients]
+    if rule == "spread":  # FZOO: (L+ − L−)/2 over σ, the sample standard deviation of the 2q perturbed losses
+        mean = sum(perturbed) / len(perturbed)
+        sigma = math.sqrt(sum((x - mean) ** 2 for x in perturbed) / (len(perturbed) - 1))
+        coefficients = [c * EPS / sigma for c in coefficients]
     if rule == "normalized":
         moments.append(sum(c * c for c in coefficients) / QUERIES)
         mean_square = sum(0.99 ** (len(moments) - 1 - i) * 0.01 * m for i, m in enumerate(moments))
@@ -220,6 +222,74 @@ def test_newton_rule_accumulates_micro_batches_like_one_batch():
         torch.testing.assert_close(halves[name], whole[name], rtol=1e-9, atol=1e-11)
 
 
+HESSIAN_SMOOTH = 0.5  # large, so that a wrong refresh of the scale moves the next steps visibly
+
+
+def test_hizoo_follows_its_naive_reference():
+    """HiZOO's Algorithm 1 with every z materialised: the probes at p ± ε s⊙z and at p, the scale refreshed by the
+    curvatures, s' = s / sqrt((1 − α) + α·mean_k D_k z_k²), then p − lr·Σ_k (slope_k / q)·s'⊙z_k."""
+    lr, model = 1e-2, float64_llama()
+    estimator = ZOEstimator(model, eps=EPS, num_queries=QUERIES, seed=0, curvature=True)
+    optimizer = ZOHiZOO(list(model.parameters()), estimator, lr=lr, hessian_smooth=HESSIAN_SMOOTH)
+    naive_model = float64_llama()
+    sampler = ZOEstimator(naive_model, seed=0).sampler
+    scale = {n: torch.ones_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+
+    def loss(values):
+        return float64_loss(functional_call(naive_model, values, args=(batch(),)).logits, batch()).item()
+
+    for step in range(STEPS):
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        zs = [{n: sampler.direction(n, p.shape, step, k).double() for n, p in params.items()} for k in range(QUERIES)]
+        base, slopes, square_terms = loss(params), [], {n: torch.zeros_like(p) for n, p in params.items()}
+        for z in zs:
+            plus = loss({n: p + EPS * scale[n].double() * z[n] for n, p in params.items()})
+            minus = loss({n: p - EPS * scale[n].double() * z[n] for n, p in params.items()})
+            slopes.append((plus - minus) / (2 * EPS))
+            for n in params:
+                square_terms[n] += abs(plus + minus - 2 * base) / (2 * EPS**2) / QUERIES * z[n] ** 2
+        scale = {n: (s / torch.sqrt((1 - HESSIAN_SMOOTH) + HESSIAN_SMOOTH * square_terms[n])).float()
+                 for n, s in scale.items()}
+        expected = {n: p - lr * sum(c / QUERIES * scale[n] * z[n] for c, z in zip(slopes, zs)) for n, p in params.items()}
+        optimizer.accumulate(estimator.probe(lambda: float64_loss(model(batch()).logits, batch()), step))
+        optimizer.step()
+        assert_close({n: p.detach() for n, p in model.named_parameters()}, expected)
+        for n, p in model.named_parameters():  # the engine's buffer is the naive scale; the curvatures of float64
+            # losses carry ~1e-9 of absolute noise (transformers' RMSNorm computes in float32), ~1e-4 of theirs
+            torch.testing.assert_close(optimizer.state[p]["scale"], scale[n], rtol=2e-3, atol=1e-5)
+    assert min(s.min().item() for s in scale.values()) < 0.5  # the preconditioner did scale the directions
+
+
+@pytest.mark.parametrize("layout", ["whole", "grouped", "pieces"])
+def test_preconditioned_probes_perturb_along_the_scaled_direction(layout, monkeypatch):
+    """The probes of an estimator with a direction scale m see p ± ε·m⊙z in every layout of the perturbed copies,
+    the one that would look up an embedding's rows and multiply an LM head in blocks included (drawn whole instead)."""
+    if layout != "whole":
+        monkeypatch.setattr(perturbation, "GROUP_BYTES", 0)
+    if layout == "pieces":
+        monkeypatch.setattr(perturbation, "LARGE_WEIGHT_BYTES", 0)
+    model = tiny_llama(layers=1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    scale = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) + 0.5
+             for i, (n, p) in enumerate(model.named_parameters())}
+    by_id = {id(p): scale[n] for n, p in model.named_parameters()}
+    estimator = ZOEstimator(model, eps=1e-2, num_queries=2, seed=5)
+    estimator.direction_scale = lambda p: by_id[id(p)]
+    losses = estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, 3).losses
+    sampler = estimator.sampler
+    naive = []
+    with torch.no_grad():
+        for k in range(2):
+            for sign in (1, -1):
+                params = {n: p + sign * 1e-2 * scale[n] * sampler.direction(n, p.shape, 3, k)
+                          for n, p in model.named_parameters()}
+                naive.append(functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss.double())
+    torch.testing.assert_close(losses, torch.stack(naive), rtol=0, atol=2e-6)
+    estimator.direction_scale = None
+    unscaled = estimator.probe(lambda: model(input_ids=ids, labels=ids).loss, 3).losses
+    assert (unscaled - losses).abs().min() > 1e-4  # the scale changed every probe
+
+
 def test_bfloat16_momentum_buffer():
     model = float64_llama().float()
     estimator = ZOEstimator(model, num_queries=1, seed=0)
@@ -238,6 +308,8 @@ OPTIMIZER_SETTINGS = {
     "newton": dict(zo_step_rule="newton", learning_rate=0.5),
     "normalized": dict(zo_step_rule="normalized", learning_rate=1e-3),
     "spread": dict(zo_step_rule="spread", learning_rate=1e-3),
+    "hizoo": dict(zo_optimizer="hizoo", learning_rate=1e-2),
+    "bfloat16-momentum": dict(zo_momentum=0.9, zo_state_dtype="bfloat16"),  # torch's loading casts buffers to float32
 }
 
 
@@ -271,6 +343,9 @@ def test_every_zo_optimizer_resumes_bitwise_through_the_trainer(tmp_path, name):
         (dict(zo_optimizer="adam", zo_momentum=0.9), "adam_beta1"),
         (dict(zo_step_rule="newton", zo_estimator="forward"), "zo_estimator='central'"),
         (dict(zo_step_rule="spread"), "zo_step_rule='spread' needs zo_num_queries >= 2"),
+        (dict(zo_optimizer="hizoo", zo_estimator="forward"), "zo_optimizer='hizoo' needs zo_estimator='central'"),
+        (dict(zo_optimizer="hizoo", zo_hessian_smooth=1.0), r"zo_hessian_smooth=1.0 must lie in \[0, 1\)"),
+        (dict(zo_optimizer="hizoo", zo_momentum=0.9), "zo_momentum=0.9 is for zo_optimizer 'sgd' and 'sign'"),
         (dict(zo_write_grad=True, zo_optimizer="adam"), "zo_write_grad=True"),
         (dict(zo_state_dtype="int8"), "zo_state_dtype='int8'"),
         (dict(learning_rate=math.inf), "learning_rate=inf"),
@@ -296,6 +371,7 @@ def test_bad_optimizer_settings_are_refused(tmp_path, overrides, match):
         (ZOSign, dict(momentum=-0.1), r"momentum=-0.1 must lie in \[0, 1\)"),
         (ZOAdam, dict(betas=(0.9, 1.0)), r"betas\[1\]=1.0 must lie in \[0, 1\)"),
         (ZOAdam, dict(eps=0.0), "eps=0.0 must be a finite number > 0"),
+        (ZOHiZOO, dict(hessian_smooth=-0.1), r"hessian_smooth=-0.1 must lie in \[0, 1\)"),
     ],
 )
 def test_optimizer_settings_are_checked_without_a_model_and_by_the_constructor(cls, settings, match):
@@ -303,4 +379,10 @@ def test_optimizer_settings_are_checked_without_a_model_and_by_the_constructor(c
         cls.check_settings(**settings)
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match=match):
-        cls(model.parameters(), ZOEstimator(model), **settings)
+        cls(model.parameters(), ZOEstimator(model, curvature=True), **settings)
+
+
+def test_hizoo_needs_the_unperturbed_loss():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"ZOEstimator\(curvature=True\)"):
+        ZOHiZOO(model.parameters(), ZOEstimator(model))

@@ -206,7 +206,13 @@ class BlockReinitCallback(_BlockCallback):
 
     def begin(self, index, block, at_start, model, args):
         if block.reinit and at_start:
-            reinitialise(_unwrap(model), self.schedule.names[block.name], seed=direction_seed(args.seed, index, 0, "reinit"))
+            reinitialise_block(_unwrap(model), self.schedule, index, args.seed)
+
+
+def reinitialise_block(model: nn.Module, schedule: BlockSchedule, index: int, seed: int) -> None:
+    """`reinitialise` block ``index`` of ``schedule`` as its start does, seeded by (seed, index): done again, it
+    draws the same values (a run re-initialises its first block before measuring the untrained loss)."""
+    reinitialise(model, schedule.names[schedule.blocks[index].name], seed=direction_seed(seed, index, 0, "reinit"))
 
 
 def reinitialise(model: nn.Module, names: list[str], seed: int) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS, STEP_RULES, ZOAdam, ZOEstimator, ZOSGD, ZOSign
+from .zo import DISTRIBUTIONS, ESTIMATORS, REDUCTIONS, STEP_RULES, ZOAdam, ZOEstimator, ZOHiZOO, ZOSGD, ZOSign
 
 TRAINING_ORDERS = ("zo", "fo")
 ZO_PARALLEL_MODES = ("data", "query")
-ZO_OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign}
+ZO_OPTIMIZERS = {"sgd": ZOSGD, "adam": ZOAdam, "sign": ZOSign, "hizoo": ZOHiZOO}
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,10 @@ class ZOConfig(TrainingArguments):
         metadata={
             "help": "The ZO update: 'sgd' (in place; with zo_momentum, a momentum buffer or, with zo_momentum_history, "
             "a momentum rebuilt from the last K seeds at no memory), 'adam' (AdamW on the ZO estimate, with "
-            "adam_beta1/adam_beta2/adam_epsilon: two parameter-sized buffers) or 'sign' (sign-ZO, of the momentum "
-            "where zo_momentum > 0). `optim` is not used unless zo_write_grad=True.",
+            "adam_beta1/adam_beta2/adam_epsilon: two parameter-sized buffers), 'sign' (sign-ZO, of the momentum "
+            "where zo_momentum > 0) or 'hizoo' (HiZOO: ZO-SGD along directions and steps scaled by a diagonal Hessian "
+            "estimate, one parameter-sized buffer and one more forward per step; see zo_hessian_smooth). `optim` is "
+            "not used unless zo_write_grad=True.",
             "choices": list(ZO_OPTIMIZERS),
         },
     )
@@ -102,8 +104,8 @@ class ZOConfig(TrainingArguments):
             "help": "How the probes weigh each direction: 'gradient' (SPSA), 'newton' (the paper's Theorem 1 along "
             "each direction: the exact line-search step of the quadratic fitted to L0, L+ and L−, one more forward "
             "per step; learning_rate is then the fraction of that step), 'normalized' (projected gradients divided "
-            "by their running RMS, so the step does not depend on the scale of the loss) or 'spread' (divided by the "
-            "RMS of the step's own zo_num_queries >= 2 projected gradients, in the manner of FZOO).",
+            "by their running RMS, so the step does not depend on the scale of the loss) or 'spread' (FZOO's: divided by "
+            "the standard deviation of the step's perturbed losses, over ε; zo_num_queries >= 2).",
             "choices": list(STEP_RULES),
         },
     )
@@ -124,6 +126,11 @@ class ZOConfig(TrainingArguments):
             "'float16'. Default: each parameter's dtype.",
             "choices": list(STATE_DTYPES),
         },
+    )
+    zo_hessian_smooth: float = field(
+        default=1e-2,
+        metadata={"help": "zo_optimizer 'hizoo': α in [0, 1), the weight of each step's curvature in the diagonal "
+                  "Hessian estimate (HiZOO's Hessian_smooth; 0 = plain ZO-SGD)."},
     )
     zo_newton_max_step: float = field(
         default=1e-2,
@@ -216,14 +223,17 @@ class ZOConfig(TrainingArguments):
         # the engine would name curvature=True, which no field sets: said here in the config's terms
         if self.zo_step_rule == "newton" and self.zo_estimator != "central":
             raise ValueError("zo_step_rule='newton' needs zo_estimator='central' (it fits a quadratic to L−, L0 and L+)")
+        if self.zo_optimizer == "hizoo" and self.zo_estimator != "central":
+            raise ValueError("zo_optimizer='hizoo' needs zo_estimator='central' (its Hessian estimate reads L−, L0 and L+)")
         # the engine's own checks, run on the arguments these fields give it (they ignore zo_seed, still None here)
         _in_config_terms(ZOEstimator.check_settings, ESTIMATOR_FIELDS, **self.zo_estimator_kwargs())
         optimizer_cls, optimizer_kwargs = self.zo_optimizer_cls_and_kwargs()
         _in_config_terms(optimizer_cls.check_settings, OPTIMIZER_FIELDS, weight_decay=self.weight_decay,
                          **optimizer_kwargs)
         # what the engine cannot see: how the fields combine into its arguments
-        if self.zo_momentum and self.zo_optimizer == "adam":
-            raise ValueError("zo_momentum is for zo_optimizer 'sgd' and 'sign'; 'adam' takes adam_beta1 and adam_beta2")
+        if self.zo_momentum and self.zo_optimizer in ("adam", "hizoo"):
+            raise ValueError(f"zo_momentum={self.zo_momentum} is for zo_optimizer 'sgd' and 'sign' (got "
+                             f"{self.zo_optimizer!r}); 'adam' takes adam_beta1 and adam_beta2")
         if self.zo_momentum_history and self.zo_optimizer != "sgd":
             raise ValueError(f"zo_momentum_history={self.zo_momentum_history!r} is for zo_optimizer='sgd' "
                              f"(got zo_optimizer={self.zo_optimizer!r}); leave it 0")
@@ -237,7 +247,7 @@ class ZOConfig(TrainingArguments):
             raise ValueError(f"zo_correlation={self.zo_correlation} needs zo_num_queries >= 2 (got {self.zo_num_queries})")
         if self.zo_step_rule == "spread" and self.zo_num_queries < 2:
             raise ValueError(f"zo_step_rule='spread' needs zo_num_queries >= 2 (got {self.zo_num_queries}): it divides "
-                             "by the spread of a step's projected gradients, and one query would give its sign")
+                             "by the spread of a step's perturbed losses, and one query would give its sign")
         if self.gradient_probe_steps < 0 or self.gradient_probe_draws < 1:
             raise ValueError(
                 f"gradient_probe_steps={self.gradient_probe_steps} must be >= 0 (0 = off) and "
@@ -276,7 +286,7 @@ class ZOConfig(TrainingArguments):
             seed=self.zo_seed,
             lowrank_rank=self.zo_lowrank_rank,
             lowrank_refresh_steps=self.zo_lowrank_refresh_steps,
-            curvature=self.zo_step_rule == "newton",
+            curvature=self.zo_step_rule == "newton" or self.zo_optimizer == "hizoo",
             reuse_prefix=self.zo_reuse_prefix,
         )
 
@@ -288,6 +298,8 @@ class ZOConfig(TrainingArguments):
             kwargs.update(momentum=self.zo_momentum, momentum_history=self.zo_momentum_history, state_dtype=state_dtype)
         elif self.zo_optimizer == "sign":
             kwargs.update(momentum=self.zo_momentum, state_dtype=state_dtype)
+        elif self.zo_optimizer == "hizoo":
+            kwargs.update(hessian_smooth=self.zo_hessian_smooth, state_dtype=state_dtype)
         else:
             kwargs.update(betas=(self.adam_beta1, self.adam_beta2), eps=self.adam_epsilon, state_dtype=state_dtype)
         return ZO_OPTIMIZERS[self.zo_optimizer], kwargs
@@ -343,7 +355,7 @@ ESTIMATOR_FIELDS = {
 OPTIMIZER_FIELDS = {
     "lr": "learning_rate", "step_rule": "zo_step_rule", "newton_max_step": "zo_newton_max_step",
     "momentum": "zo_momentum", "momentum_history": "zo_momentum_history", "betas[0]": "adam_beta1",
-    "betas[1]": "adam_beta2", "eps": "adam_epsilon",
+    "betas[1]": "adam_beta2", "eps": "adam_epsilon", "hessian_smooth": "zo_hessian_smooth",
 }
 
 

@@ -62,7 +62,7 @@ import yaml
 from transformers import (AutoConfig, AutoModelForCausalLM, HfArgumentParser, LlamaConfig, default_data_collator,
                           set_seed)
 
-from zo_trainer.callbacks import BlockSchedule, match_parameters
+from zo_trainer.callbacks import BlockSchedule, match_parameters, reinitialise_block
 from zo_trainer.checkpointing import BrokenCheckpointError, check_output_dir, finished_run, latest_complete_checkpoint
 from zo_trainer.config import ZOConfig
 from zo_trainer.data import DataArguments, DataFileError, build_lm_datasets, load_raw_dataset, split_long_text
@@ -392,7 +392,11 @@ def run(argv: list[str] | None = None) -> tuple[ZOTrainer, dict]:
             print(format_lr_find(result))
         return trainer, result
 
-    # The untrained model's loss: the baseline the run must beat.
+    # The untrained model's loss: the baseline the run must beat, of the model it starts training (a first block that
+    # re-initialises its parameters does so now; its start at step 0 draws the same values again)
+    schedule = trainer.block_schedule
+    if schedule is not None and schedule.blocks[0].reinit and resume is None:
+        reinitialise_block(model, schedule, 0, training_args.seed)
     init_metrics = trainer.evaluate(metric_key_prefix="init_eval")
     init_metrics["init_perplexity"] = perplexity(init_metrics["init_eval_loss"])
 

@@ -9,10 +9,10 @@
 """
 
 from .directions import DISTRIBUTIONS, Addition, DirectionSampler, direction_seed
-from .optim import STEP_RULES, PendingEstimate, ZOAdam, ZOOptimizer, ZOSGD, ZOSign
+from .optim import STEP_RULES, PendingEstimate, ZOAdam, ZOHiZOO, ZOOptimizer, ZOSGD, ZOSign
 from .spsa import ESTIMATORS, REDUCTIONS, Probe, ZOEstimator
 
 __all__ = [
     "DISTRIBUTIONS", "ESTIMATORS", "REDUCTIONS", "STEP_RULES", "Addition", "DirectionSampler", "PendingEstimate",
-    "Probe", "ZOAdam", "ZOEstimator", "ZOOptimizer", "ZOSGD", "ZOSign", "direction_seed",
+    "Probe", "ZOAdam", "ZOEstimator", "ZOHiZOO", "ZOOptimizer", "ZOSGD", "ZOSign", "direction_seed",
 ]

@@ -32,13 +32,15 @@ parameters)."""
 
 
 class Addition(NamedTuple):
-    """One parameter's part of `DirectionSampler.add_to`: ``target = source + Σ_k scales[k]·z_k(name)``."""
+    """One parameter's part of `DirectionSampler.add_to`: ``target = source + m ⊙ Σ_k scales[k]·z_k(name)``, with
+    ``m`` the multiplier where one is given (a diagonal preconditioner, `ZOHiZOO`), else 1."""
 
     name: str
     shape: torch.Size
     scales: dict[int, float]  # query k -> its scale; a correlated chain draws the links in between
     source: torch.Tensor  # flat
     target: torch.Tensor  # flat, may be source
+    multiplier: torch.Tensor | None = None  # flat float32, the parameter's size
 
 
 def direction_seed(base_seed: int, step: int, query: int, name: str) -> int:
@@ -103,11 +105,15 @@ class DirectionSampler:
                 for tensor in (a.source, a.target):
                     if tensor.dim() != 1 or not tensor.is_contiguous() or tensor.numel() != numel:
                         raise ValueError(f"add_to needs flat contiguous tensors of {numel} entries, got shape {tuple(tensor.shape)}")
+                if a.multiplier is not None and a.multiplier.numel() != numel:
+                    raise ValueError(f"add_to needs a multiplier of {numel} entries, got {a.multiplier.numel()}")
                 if a.source.device != a.target.device:
                     raise ValueError(f"add_to needs source and target on one device, got {a.source.device} and {a.target.device}")
         batches = defaultdict(list)  # additions with the same links of the chain: one philox call
         for a in additions:
-            if not a.scales:
+            if a.multiplier is not None and a.scales:
+                self._add_multiplied(step, a)
+            elif not a.scales:
                 if a.target is not a.source:
                     a.target.copy_(a.source)
             elif self.distribution == "lowrank" and len(a.shape) == 2:
@@ -123,6 +129,14 @@ class DirectionSampler:
             # checked above or by the caller; the batch has the same links in every row
             kernels.add_directions([a.source for a in batch], [a.target for a in batch], seeds, scales, self.correlation,
                                   self.distribution == "rademacher", check=False)
+
+    def _add_multiplied(self, step: int, a: Addition) -> None:
+        """``target = source + m ⊙ Σ_k scales[k]·z_k`` in float32 (float64 for float64 tensors), one rounding to the
+        target's dtype: the sum of the directions is drawn into a temporary of the parameter's size."""
+        dtype = torch.promote_types(a.source.dtype, torch.float32)
+        drawn = torch.zeros(a.source.numel(), dtype=dtype, device=a.source.device)
+        self.add_to(step, [a._replace(source=drawn, target=drawn, multiplier=None)], check=False)
+        a.target.copy_(torch.addcmul(a.source.to(dtype), drawn, a.multiplier.to(dtype)))
 
     def add_sum(self, terms: Sequence[tuple[int, dict[int, float]]], additions: Sequence[Addition]) -> None:
         """``target = source + Σ_(step, scales) Σ_k scales[k]·z_k(step)`` for each addition (whose own scales are

@@ -7,13 +7,15 @@ checkpointing drive them unchanged. Each step has two parts:
   ``gradient`` (SPSA: c_k = projected gradient), ``newton`` (the paper's Theorem 1 along each direction:
   c_k = (zᵀg)/(zᵀHz), the exact line-search step on a quadratic, from one more forward per step) or
   ``normalized`` (c_k = projected gradient / its running RMS: the step no longer depends on the scale
-  of the loss, as in Adam-style ZO) or ``spread`` (c_k = projected gradient / the RMS of this step's q
-  projected gradients, in the manner of FZOO's division by the spread of a step's probe losses; q ≥ 2);
+  of the loss, as in Adam-style ZO) or ``spread`` (FZOO's: c_k = projected gradient · ε/σ, σ the standard
+  deviation of the step's perturbed losses; q ≥ 2);
 - an **update** applies g: `ZOSGD` (in place, optionally with momentum, from a buffer or rebuilt from the
-  last K steps' seeds at no memory), `ZOAdam` (two buffers) or `ZOSign` (the sign of g, or of its momentum).
+  last K steps' seeds at no memory), `ZOAdam` (two buffers), `ZOSign` (the sign of g, or of its momentum) or
+  `ZOHiZOO` (HiZOO's diagonal-Hessian preconditioner: directions and step scaled entry by entry).
 
 Memory above the weights: ZOSGD 0 (momentum: one buffer in ``state_dtype``; rebuilt momentum: K·q scalars);
-ZOAdam two buffers and one tensor-sized temporary; ZOSign one temporary (and a buffer with momentum).
+ZOAdam two buffers and one tensor-sized temporary; ZOSign one temporary (and a buffer with momentum); ZOHiZOO
+one buffer and two temporaries of one tensor's size.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ STEP_RULES = ("gradient", "newton", "normalized", "spread")
 
 
 class PendingEstimate:
-    """What the probes since the last update measured: the projected gradients (row 0) and, where the estimator
-    measures them, the curvatures along each direction (row 1), each micro-batch weighted by its share."""
+    """What the probes since the last update measured, each micro-batch weighted by its share: the projected
+    gradients (row 0), the curvatures along each direction where the estimator measures them (row 1), then the
+    perturbed losses L+ (and L−) of each query. Every row is linear in the losses, so the weighted sum over
+    micro-batches, and the mean (data-parallel) or sum (query-parallel) over processes, are those of the whole batch."""
 
     def __init__(self):
         self.step: int | None = None
-        self.values: torch.Tensor | None = None  # shape (1 or 2, q)
+        self.values: torch.Tensor | None = None  # shape (rows, q)
 
     def add(self, probe: Probe, weight: float = 1.0) -> None:
         if self.step is not None and probe.step != self.step:
@@ -43,8 +47,8 @@ class PendingEstimate:
                 f"probe of step {probe.step} cannot join the pending estimate of step {self.step}: "
                 "the micro-batches of one update must share their directions"
             )
-        rows = [probe.projected_grads] if probe.curvatures is None else [probe.projected_grads, probe.curvatures]
-        weighted = torch.stack(rows) * weight
+        curvatures = [] if probe.curvatures is None else [probe.curvatures]
+        weighted = torch.stack([probe.projected_grads, *curvatures, *probe.perturbed_losses]) * weight
         self.step = probe.step
         self.values = weighted if self.values is None else self.values + weighted
 
@@ -68,7 +72,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                  newton_max_step: float = 1e-2, newton_min_curvature: float = 0.0, normalize_beta: float = 0.99):
         # the settings alone are checked by the subclass's constructor (`check_settings`); these need the estimator
         if step_rule == "spread" and estimator.num_queries < 2:
-            raise ValueError(f"step_rule='spread' divides by the spread of a step's projected gradients: it needs "
+            raise ValueError(f"step_rule='spread' divides by the spread of a step's perturbed losses: it needs "
                              f"num_queries >= 2, got {estimator.num_queries} (one query would give its sign)")
         if step_rule == "newton" and not estimator.curvature:
             raise ValueError("step_rule='newton' needs the curvature along each direction: ZOEstimator(curvature=True)")
@@ -108,7 +112,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def coefficients(self, values: torch.Tensor) -> torch.Tensor:
         """The weights c_k of g = Σ_k c_k z_k under the step rule (the query reduction applied)."""
-        projected = values[0]
+        projected, perturbed_losses = values[0], values[1 + self.estimator.curvature:]
         if self.step_rule == "newton":
             curvature = values[1]
             usable = curvature > self.newton_min_curvature
@@ -124,10 +128,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             rms = math.sqrt(state["mean_square"] / (1 - beta ** state["updates"]))
             self.last_step = {"zo_projected_grad_rms": rms}
             return self.estimator.coefficients(projected / rms if rms > 0 else projected * 0.0)
-        if self.step_rule == "spread":
-            rms = projected.square().mean().sqrt().item()
-            self.last_step = {"zo_projected_grad_rms": rms}
-            return self.estimator.coefficients(projected / rms if rms > 0 else projected * 0.0)
+        if self.step_rule == "spread":  # FZOO: lr·(L_k − L0)/σ along z_k, i.e. the projected gradient · ε/σ
+            spread = perturbed_losses.std().item()
+            self.last_step = {"zo_loss_spread": spread}
+            return self.estimator.coefficients(projected * (self.estimator.eps / spread) if spread > 0 else projected * 0.0)
         return self.estimator.coefficients(projected)
 
     @torch.no_grad()
@@ -139,11 +143,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         step, values = self.pending.step, self.pending.values
         self.pending.clear()
         sharding.reshard(self.estimator.model)  # FSDP2's root stays whole after a forward: the update writes the shards
-        self._update(step, self.coefficients(values))
+        self._update(step, self.coefficients(values), values)
         return None
 
-    def _update(self, step: int, coefficients: torch.Tensor) -> None:
-        """Apply g = Σ_k c_k z_k(step) to the trainable parameters, a param group at a time."""
+    def _update(self, step: int, coefficients: torch.Tensor, values: torch.Tensor) -> None:
+        """Apply g = Σ_k c_k z_k(step) to the trainable parameters, a param group at a time (``values``: the
+        estimate's rows, for an update that reads more than the coefficients)."""
         for group, params in self._groups():
             self._update_group(step, coefficients, group, params)
 
@@ -172,6 +177,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        # torch casts the loaded buffers to their parameter's dtype: a state_dtype buffer keeps its own
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = self.state[p][key].to(value.dtype)
         if extra is not None:
             self.rule_state = dict(extra.pop("rule_state"))
             self._load_extra_state(extra)
@@ -208,7 +220,7 @@ class ZOSGD(ZOOptimizer):
             raise ValueError(f"momentum_history={momentum_history} rebuilds the momentum of the last steps: it needs a "
                              f"momentum in (0, 1), got momentum={momentum!r}")
 
-    def _update(self, step, coefficients):
+    def _update(self, step, coefficients, values):
         if not self.momentum or self.momentum_history:
             terms = [(step, coefficients)]
             if self.momentum_history:
@@ -304,6 +316,71 @@ class ZOSign(ZOOptimizer):
             if group["weight_decay"]:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
             p.add_(direction.sign().to(p.dtype), alpha=-group["lr"])
+
+
+class ZOHiZOO(ZOOptimizer):
+    """ZO-SGD preconditioned by a diagonal Hessian estimate: HiZOO's Algorithm 1 (Zhao et al., ICLR 2025).
+
+    With H the diagonal Hessian estimate and s = H^(−1/2) (one buffer, initially 1), the probes perturb along s⊙z
+    and the update is ``p ← p − lr·(Σ_k c_k s'⊙z_k + wd·p)``, where s' is s refreshed by this step's curvatures
+    along s⊙z_k, D_k = |L+ + L− − 2·L0| / (2ε²):
+
+        H' = (1 − α)·H + α·mean_k D_k·(H ⊙ z_k²),   i.e.   s' = s / sqrt((1 − α) + α·mean_k D_k z_k²)
+
+    so entries of high curvature are perturbed and moved less. α is ``hessian_smooth`` (HiZOO's Hessian_smooth;
+    0 keeps s = 1, plain ZO-SGD). It needs the estimator's L0 (``ZOEstimator(curvature=True)``: one more forward per
+    step); the buffer is float32 (or ``state_dtype``), the temporaries two of one parameter's size at a time.
+    """
+
+    def __init__(self, params, estimator: ZOEstimator, lr: float = 1e-3, weight_decay: float = 0.0,
+                 hessian_smooth: float = 1e-2, state_dtype: torch.dtype | None = None, **rule):
+        self.check_settings(lr=lr, weight_decay=weight_decay, hessian_smooth=hessian_smooth, **rule)
+        if not estimator.curvature:
+            raise ValueError("ZOHiZOO refreshes its Hessian estimate from L+ + L− − 2·L0: it needs "
+                             "ZOEstimator(curvature=True)")
+        super().__init__(params, estimator, dict(lr=lr, weight_decay=weight_decay), **rule)
+        self.hessian_smooth, self.state_dtype = hessian_smooth, state_dtype or torch.float32
+        estimator.direction_scale = self.scale_of
+
+    @classmethod
+    def check_settings(cls, hessian_smooth: float = 1e-2, **settings) -> None:
+        super().check_settings(**settings)
+        if not (isinstance(hessian_smooth, (int, float)) and 0.0 <= hessian_smooth < 1.0):
+            raise ValueError(f"hessian_smooth={hessian_smooth!r} must lie in [0, 1)")
+
+    def scale_of(self, p: torch.Tensor) -> torch.Tensor:
+        """s = H^(−1/2) of ``p``: the probes' multiplier of z."""
+        state = self.state[p]
+        if "scale" not in state:
+            state["scale"] = torch.ones_like(p, dtype=self.state_dtype)
+        return state["scale"]
+
+    def _update(self, step, coefficients, values):
+        weights = (values[1].abs() / 2 / self.estimator.num_queries).tolist()  # D_k / q
+        total, count = 0.0, 0
+        for group, params in self._groups():
+            for p in params:
+                scale = self.scale_of(p)
+                if self.hessian_smooth:
+                    scale.mul_(self._mean_square_term(step, weights, p).mul_(self.hessian_smooth)
+                               .add_(1.0 - self.hessian_smooth).rsqrt_().to(scale.dtype))
+                total, count = total + scale.float().sum().item(), count + scale.numel()
+                g = self._materialise(step, coefficients, p).mul_(scale)
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(g.to(p.dtype), alpha=-group["lr"])
+        self.last_step = {**self.last_step, "zo_hizoo_scale": total / max(count, 1)}  # the mean of s: 1 at the start
+
+    def _mean_square_term(self, step: int, weights: list[float], p: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights[k]·z_k² of one parameter, each z_k drawn into one temporary."""
+        total, z = (torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for _ in range(2))
+        for k, weight in enumerate(weights):
+            if weight:
+                one_hot = torch.zeros(self.estimator.num_queries, dtype=torch.float64)
+                one_hot[k] = 1.0
+                self.estimator.add_directions(step, one_hot, [p], [z.zero_()])
+                total.addcmul_(z, z, value=weight)
+        return total
 
 
 def _check_momentum(momentum: float) -> None:

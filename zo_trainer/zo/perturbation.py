@@ -138,9 +138,10 @@ class Perturbation:
     """
 
     def __init__(self, workspace: Workspace, sampler: DirectionSampler, names: dict[int, str], trainable,
-                 step: int, query: int, delta: float):
+                 step: int, query: int, delta: float, multipliers: dict[int, torch.Tensor] | None = None):
         self.workspace, self.layout, self.sampler, self.names = workspace, workspace.layout, sampler, names
         self.trainable, self.step, self.scales = trainable, step, {query: delta}
+        self.multipliers = multipliers  # id(p) -> flat m: the forward sees p + δ·m⊙z (a preconditioner's scaling)
         self.read_unperturbed: dict[int, nn.Parameter] = {}
 
     def __enter__(self):
@@ -222,7 +223,7 @@ class Perturbation:
     # ----------------------------------------------------------------------- what the swaps share
     def draw(self, pooled: list, own: list) -> None:
         """``flat = p + δz`` for each (p, flat copy): those in the arena by a prepared call, the others by another."""
-        add = self._prepared_add(*map(list, zip(*pooled))) if pooled else None
+        add = self._prepared_add(*map(list, zip(*pooled))) if pooled and self.multipliers is None else None
         if add is not None:
             add(self.step, self.scales)
         else:
@@ -238,7 +239,8 @@ class Perturbation:
 
     def _addition(self, p: nn.Parameter, flat_copy: torch.Tensor) -> Addition:
         """``flat_copy = p + δz``, read from the flat view of ``p`` taken once per layout."""
-        return Addition(self.names[id(p)], p.shape, self.scales, self.layout.flat[id(p)], flat_copy)
+        multiplier = None if self.multipliers is None else self.multipliers[id(p)]
+        return Addition(self.names[id(p)], p.shape, self.scales, self.layout.flat[id(p)], flat_copy, multiplier)
 
     def perturbed_copy(self, p: nn.Parameter) -> torch.Tensor:
         """``p + δz`` in a tensor of its own (for what the pieces of a large weight cannot serve)."""

@@ -41,6 +41,7 @@ class Probe:
     projected_grads: torch.Tensor  # shape (q,): zero for the queries this call did not evaluate
     losses: torch.Tensor  # every probe loss, in evaluation order (the unperturbed loss first where measured)
     num_forwards: int
+    perturbed_losses: torch.Tensor  # shape (2 or 1, q): L+ (and L− for the central estimator), zero where not evaluated
     curvatures: torch.Tensor | None = None  # shape (q,): zᵀHz ≈ (L+ + L− − 2·L0) / ε², where measured
 
     @property
@@ -93,6 +94,8 @@ class ZOEstimator:
         self.sampler = DirectionSampler(distribution, correlation, seed, lowrank_rank, lowrank_refresh_steps)
         self._names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
         self._pinned: set[int] = set()  # ids of parameters read outside their module's forward: swapped in throughout
+        # p -> a tensor m of p's shape: the probes perturb along m⊙z (a diagonal preconditioner's, `ZOHiZOO`); None: z
+        self.direction_scale: Callable[[nn.Parameter], torch.Tensor] | None = None
         # what the probes perturb for the current set of trainable parameters, and what is learned about it
         self._workspace: Workspace | None = None
         self._prepared_updates: dict[tuple, tuple] = {}  # the sampler's prepared in-place updates (`_prepared_update`)
@@ -137,7 +140,9 @@ class ZOEstimator:
             raise ValueError("the model has no parameter with requires_grad=True: there is nothing to estimate")
         if any(self._names.get(id(p)) != name for name, p in trainable):  # fully_shard (accelerate's FSDP2) after init
             self._names = {id(p): n for n, p in self.model.named_parameters()}
-        sharding.check(trainable, self.sampler.distribution)
+        if sharding.check(trainable, self.sampler.distribution) and self.direction_scale is not None:
+            raise ValueError(f"{trainable[0][0]} is sharded by FSDP2: a preconditioned direction m⊙z (ZOHiZOO) needs m "
+                             "whole at each probe forward; train the sharded model with ZOSGD, ZOAdam or ZOSign")
         rng = RngState(trainable[0][1].device)  # the same dropout mask for every probe of this batch
         with_base = self.estimator == "forward" or self.curvature
         prefix = self._prefix_reuse(trainable)
@@ -162,19 +167,26 @@ class ZOEstimator:
         if self.curvature:
             curvatures = torch.zeros_like(projected)
             curvatures[queries] = (probes[0::2] + probes[1::2] - 2 * losses[0]) / self.eps**2
+        sides = 2 if self.estimator == "central" else 1
+        perturbed = torch.zeros(sides, self.num_queries, dtype=torch.float64, device=losses.device)
+        perturbed[:, queries] = probes.view(len(queries), sides).T
         return Probe(
             step=step,
             queries=queries,
             projected_grads=projected,
             losses=losses,
             num_forwards=len(losses),
+            perturbed_losses=perturbed,
             curvatures=curvatures,
         )
 
     def perturbed(self, trainable: list[tuple[str, nn.Parameter]], step: int, query: int, sign: float):
-        """Context in which every forward sees ``p + sign·ε·z_query`` for each trainable ``p``."""
+        """Context in which every forward sees ``p + sign·ε·z_query`` for each trainable ``p`` (``m⊙z`` where
+        `direction_scale` gives m)."""
+        multipliers = None if self.direction_scale is None else {
+            id(p): flat_view(self.direction_scale(p)) for _, p in trainable}
         return Perturbation(self._workspace_for(trainable), self.sampler, self._names, trainable, step, query,
-                            sign * self.eps)
+                            sign * self.eps, multipliers)
 
     def _prefix_reuse(self, trainable) -> PrefixReuse | None:
         """The `PrefixReuse` of these trainable parameters (None where reuse is off), kept across batches for what
@@ -297,9 +309,10 @@ class ZOEstimator:
         """The workspace of ``trainable``'s layout, walked once per set of trainable parameters (the storage is in the
         key: ``p.data = ...`` gives p another). A new one starts afresh what the estimator learns about it: the arena
         of perturbed copies sized for it, the prepared draws and the guess of the forward order."""
-        key = (trainable[0][1].device, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))  # the arena's device
+        scaled = self.direction_scale is not None  # m⊙z is drawn whole: no rows or blocks of a large weight
+        key = (trainable[0][1].device, scaled, *((id(p), p.dtype, p.data_ptr()) for _, p in trainable))
         if self._workspace is None or self._workspace.layout.key != key:
-            pieces = lambda module, params: pieces_of(module, params, self.sampler)  # noqa: E731
+            pieces = lambda module, params: None if scaled else pieces_of(module, params, self.sampler)  # noqa: E731
             layout = Layout.build(self.model, trainable, key, self._pinned, pieces)
             self._workspace, self._prepared_updates = Workspace(layout, trainable[0][1].device), {}
         return self._workspace
