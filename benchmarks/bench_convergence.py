@@ -19,7 +19,9 @@ an edge), the learning rate with the lowest final held-out loss on seed 0 is kep
 optimizer state, counted on the live tensors); activations are the same for all methods but FO's backward. Peak
 memory is measured for each kept setting in a fresh process of its own, over ``--memory-budget`` forwards of training
 (no evaluation): the resident set's peak during training (VmHWM, reset after the model, the data and the Trainer are
-built), in all and above the resident set at its start (weights, data and libraries loaded).
+built), in all and above the resident set at its start (weights, data and libraries loaded), with glibc's mmap
+threshold fixed (every block of 128 KiB or more mapped on its own, as `bench_zo_step.py`'s "no-frag"): without it,
+the heap's fragmentation moves one method's peak by ~15 MiB from one process to the next.
 Output: ``<out>/runs.jsonl`` (one line per run, appended, so a rerun skips what is done), ``<out>/memory.jsonl``,
 and ``<out>/report.md`` with ``<out>/curves.png``.
 """
@@ -213,7 +215,8 @@ def peak_of(name: str, lr: float, args) -> dict:
             return row
     command = [sys.executable, __file__, "--measure", name, repr(lr), "--memory-budget", str(args.memory_budget),
                "--out", str(args.out), *(["--threads", str(args.threads)] if args.threads else [])]
-    row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # as bench_zo_step's "no-frag": the live tensors' peak
+    row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
     with log.open("a") as file:
         file.write(json.dumps(row) + "\n")
     print(f"{name:22s} lr={lr:<8g} peak {row['peak_mib']} MiB, {row['peak_mib'] - row['start_mib']:.1f} above its start",
@@ -389,7 +392,7 @@ def write_report(rows: list[dict], args, measure: bool = False) -> None:
         "ln V, every estimate exactly 0) is kept, then every seed runs it. Drop = untrained minus final held-out loss (nat), mean "
         "and standard deviation over the seeds. Kept memory = gradients and optimizer state between steps, above "
         f"the weights. Peak = the resident set's peak over {args.memory_budget} forwards of training with the kept "
-        "setting, in a fresh process: above the resident set at the start of training (weights, data and libraries "
+        "setting, in a fresh process with glibc's mmap threshold fixed (no heap fragmentation): above the resident set at the start of training (weights, data and libraries "
         "loaded) / in all, in MiB; at 1.3M parameters (5 MiB of weights) it is the activations and the logits "
         "(8 x 128 x 4096 floats: 16 MiB) that it counts. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it. Wall "
         "times are as run (here two runs at a time, one torch thread each, on a shared 2-core machine): compare them "

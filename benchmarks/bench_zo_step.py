@@ -8,6 +8,7 @@
     python benchmarks/bench_zo_step.py --models 20m --kinds zo_q1,zo_q1_history8 --repeats 9   # momentum from 8 steps' seeds
     python benchmarks/bench_zo_step.py --models small,20m,1b     # on a GPU (CUDA is used when present)
     python benchmarks/bench_zo_step.py --models 128k-vocab --kinds zo_q1,mezo_q1 --repeats 5   # a head larger than its logits
+    python benchmarks/bench_zo_step.py --models 20m --memory-only --memory-kinds inference,zo,zo_q20,fo_sgd   # Table 2's memory
 
 Random-init Llama models (no download): "small" (1.3M params, batch 8x128), "20m" (the paper's llama2-20m,
 20.0M params, batch 8x256), "128k-vocab" (Llama 3's vocabulary, 157M params, 1x512 tokens: a head larger than
@@ -65,7 +66,8 @@ MODELS = {  # name -> (LlamaConfig kwargs, batch, sequence length)
 }
 DEFAULT_REPEATS = {"small": 41, "20m": 7, "1b": 7, "128k-vocab": 5}  # small: ~1.5 s a repeat, 20m: ~30 s on 2 CPU cores; this machine is noisy
 EPS, LR = 1e-3, 1e-4
-MEM_KINDS = ("inference", "zo", "fo_sgd", "fo_adamw")
+MEM_KINDS = ("inference", "zo", "fo_sgd", "fo_adamw")  # the default; zo_q20 (the paper's q = 20) on request
+MEMORY_KINDS = (*MEM_KINDS, "zo_q20")
 QUERIES = {"zo_q1": 1, "zo_q4": 4, "zo_q1_rademacher": 1, "zo_q1_lowrank": 1, "zo_q1_history8": 1, "mezo_q1": 1,
            "mezo_q4": 4}
 FO_KINDS = ("fo_sgd", "fo_adamw")
@@ -115,6 +117,7 @@ def make_steps(model, x) -> dict:
         "2 forwards": forwards,
         "zo_q1": zo(1),
         "zo_q4": zo(4),
+        "zo_q20": zo(20),
         "zo_q1_rademacher": zo(1, "rademacher"),
         "zo_q1_lowrank": zo(1, "lowrank"),
         "zo_q1_history8": zo(1, momentum=0.9, momentum_history=8),  # momentum rebuilt from 8 steps' seeds
@@ -249,14 +252,14 @@ ALLOCATORS = {  # name -> environment of the memory subprocess
 } if DEVICE.type == "cpu" else {"cuda": {}}  # CUDA: the caching allocator's count of live tensors
 
 
-def memory_in_subprocesses(name: str, allocator: str, runs: int) -> dict:
+def memory_in_subprocesses(name: str, allocator: str, runs: int, kinds=MEM_KINDS) -> dict:
     """Per kind, the median over ``runs`` fresh processes, the kinds alternated: glibc's heap grows differently
     from one process to the next (hash seeds, thread timing), so that its peak is either ~630-660 or ~665-700
     MiB above the start at 20m, for inference as for ZO."""
     env = {**os.environ, **ALLOCATORS[allocator]}
-    measured = {kind: [] for kind in MEM_KINDS}
+    measured = {kind: [] for kind in kinds}
     for _ in range(runs):
-        for kind in MEM_KINDS:
+        for kind in kinds:
             cmd = [sys.executable, os.path.abspath(__file__), "--_memory", name, kind]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             measured[kind].append(json.loads(out.strip().splitlines()[-1]))
@@ -333,6 +336,9 @@ def main():
                         help="comma-separated steps to time against 2 forwards (fewer kinds, more repeats: tighter medians)")
     parser.add_argument("--memory-runs", type=int, default=MEMORY_RUNS,
                         help=f"fresh processes per memory kind and allocator, medians reported (default {MEMORY_RUNS})")
+    parser.add_argument("--memory-kinds", default=",".join(MEM_KINDS),
+                        help=f"comma-separated steps whose peak memory is measured, of {list(MEMORY_KINDS)}")
+    parser.add_argument("--memory-only", action="store_true", help="measure the peak memory only, no timing")
     parser.add_argument("--quick", action="store_true", help="small model only, 2 repeats: a smoke check")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)  # (model, kind): child process
@@ -350,13 +356,29 @@ def main():
     # memory first: a child's ru_maxrss starts at this process's peak, so keep that small
     if args.memory_runs < 1:
         parser.error(f"--memory-runs={args.memory_runs} must be >= 1")
-    memory = {n: {a: memory_in_subprocesses(n, a, args.memory_runs) for a in ALLOCATORS} for n in names}
+    memory_kinds = args.memory_kinds.split(",")
+    if set(memory_kinds) - set(MEMORY_KINDS):
+        parser.error(f"unknown memory kinds {sorted(set(memory_kinds) - set(MEMORY_KINDS))}; choose from {list(MEMORY_KINDS)}")
+    if not args.memory_only and set(MEM_KINDS) - set(memory_kinds):
+        parser.error(f"the timed report compares {list(MEM_KINDS)}: give them all in --memory-kinds, or --memory-only")
+    memory = {n: {a: memory_in_subprocesses(n, a, args.memory_runs, memory_kinds) for a in ALLOCATORS} for n in names}
+    env = {"device": str(DEVICE), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.memory_only:
+        print(f"# {' '.join(sys.argv)}  ({env})")
+        for n in names:
+            for allocator, kinds in memory[n].items():
+                for kind, m in kinds.items():
+                    print(f"{n} {allocator:8s} {kind:10s} peak {m['peak'] / 1024:8.1f} MiB, above the start "
+                          f"{m['increment'] / 1024:8.1f} MiB")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "memory_kib": memory}, f, indent=1)
+        return
     results = {}
     for n in names:
         repeats = 2 if args.quick else args.repeats or DEFAULT_REPEATS[n]
         results[n] = summarize(n, *time_steps(n, repeats, kinds), memory[n])
-    env = {"device": str(DEVICE), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"# {' '.join(sys.argv)}  ({env})")
     print_table(results)
     if args.json:

@@ -47,6 +47,7 @@ def find_learning_rate(trainer, learning_rates=DEFAULT_GRID, steps: int = 50, nu
         return sum(loss_of(batch).item() for batch in batches) / len(batches)
 
     initial_loss, runs = loss_on_batches(), []
+    direction_scale = trainer.zo_estimator.direction_scale  # a preconditioner's (ZOHiZOO): each run sets its own
     try:
         for lr in learning_rates:
             model.load_state_dict(initial)
@@ -66,6 +67,7 @@ def find_learning_rate(trainer, learning_rates=DEFAULT_GRID, steps: int = 50, nu
             runs.append({"learning_rate": lr, "loss": loss, "drop": initial_loss - loss, "diverged": diverged})
     finally:
         model.load_state_dict(initial)
+        trainer.zo_estimator.direction_scale = direction_scale
     finite = [run for run in runs if not run["diverged"]]
     recommended = min(finite, key=lambda run: run["loss"])["learning_rate"] if finite else None
     return {"recommended": recommended, "initial_loss": initial_loss, "steps": steps, "runs": runs}
