@@ -121,6 +121,23 @@ def test_reinitialise_redraws_the_block_and_keeps_everything_else():
     assert torch.equal(model.get_parameter(block[1]), torch.ones_like(up[0, : model.config.hidden_size]))
 
 
+def test_reinitialise_redraws_a_loaded_model_as_a_built_one(tmp_path):
+    """transformers marks every loaded weight as initialised, and its init functions then leave it as it is: the
+    block of a model loaded with from_pretrained (the paper's reduced-dimension runs start from one) is redrawn all
+    the same, to the values a built model's block gets from the same seed."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(seed=1).save_pretrained(tmp_path)
+    loaded, built = AutoModelForCausalLM.from_pretrained(tmp_path), tiny_llama(seed=2)
+    block = match_parameters(loaded, ["model.layers.-1.mlp.*"])
+    before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    reinitialise(loaded, block, seed=3)
+    reinitialise(built, block, seed=3)
+    for n in block:
+        assert not torch.equal(loaded.get_parameter(n), before[n]) and torch.equal(loaded.get_parameter(n), built.get_parameter(n)), n
+    assert all(torch.equal(p, before[n]) for n, p in loaded.named_parameters() if n not in block)
+
+
 def test_reinit_at_block_start_only(tmp_path):
     model = tiny_llama()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}

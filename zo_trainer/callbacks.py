@@ -222,12 +222,16 @@ def reinitialise(model: nn.Module, names: list[str], seed: int) -> None:
     owners = [m for m in model.modules() if any(id(p) in targets for p in m.parameters(recurse=False))]
     # _init_weights resets a whole module: keep the module's parameters that are not in the block
     keep = [(p, p.detach().clone()) for m in owners for p in m.parameters(recurse=False) if id(p) not in targets]
+    # transformers' init functions skip a tensor flagged as initialised, as every loaded weight is: unflag the block
+    flags = [(p, p.__dict__.pop("_is_hf_initialized")) for n in names if "_is_hf_initialized" in (p := params[n]).__dict__]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for module in owners:
             model._init_weights(module)
         for p, value in keep:
             p.copy_(value)
+    for p, flag in flags:
+        p._is_hf_initialized = flag
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
