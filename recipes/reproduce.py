@@ -11,9 +11,13 @@ loss curves (against steps and forward passes), the exact settings, the exact co
 and one verdict per claim (holds / does not hold / inconclusive, with the measured evidence).
 
 `--scale cpu` (default) shrinks every recipe with pretrain_zo.py's own `--scale cpu` (llama-tiny 1.3M params,
-sotu corpus, batch 8) plus this script's per-study overrides (fewer steps, block 64; `CPU_STEPS`);
+sotu corpus, batch 8) plus this script's per-study overrides (fewer steps, block 64); every run, FO and ZO alike,
+sweeps the learning rates of `LR_GRID` (`--lr-grid`) on the first seed, and the other seeds run the one whose final
+held-out loss is lowest among those that did not diverge. The reduced-dimension studies start from `base`, a
+first-order (AdamW) run of the whole model trained until its held-out loss flattens, built once and reused.
 `--steps N` forces N steps per run and block 32 (for tests). `--scale paper` adds no overrides: the
-recipes' own settings, launched with accelerate on 8 GPUs (expected times: `PAPER_HOURS`).
+recipes' own settings and learning rates, launched with accelerate on 8 GPUs (expected times: `PAPER_HOURS`); its
+reduced-dimension studies start from table2's FO model, as the paper does.
 
 Read top-down: STUDIES (runs + claims), the claim functions, run_one (subprocess + result files), the
 report writer, main.
@@ -45,10 +49,13 @@ PAPER_LAUNCH = ["accelerate", "launch", "--config_file", "accelerate_configs/mul
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 LEARN_MIN = 0.02  # an eval-loss decrease below this (nats) is "no learning" at CPU scale
-# The paper gives no learning rate; the recipes' 1e-3 barely moves llama-tiny in a CPU budget. At CPU scale every
-# run (FO and ZO alike, as in the paper) uses this one: FO-SGD learns with it (8.33 -> 7.30 in 200 steps, block 64).
-CPU_LEARNING_RATE = 1e-2
+# The paper gives no learning rate. At CPU scale every run (FO and ZO alike) sweeps this grid on its first seed.
+LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DIVERGED_FACTOR = 2.0  # a training loss above this x the untrained eval loss marks a run as diverged
+# the starting model of the reduced-dimension studies at CPU scale: the whole model by first-order AdamW at
+# bench_convergence.py's best rate, until its held-out loss flattens
+BASE_FLAGS = {"training_order": "fo", "optim": "adamw_torch", "learning_rate": 1e-3}
+BASE_STEPS = 3000
 
 
 # ------------------------------------------------------------------------------------------------ studies
@@ -70,15 +77,13 @@ class Study:
     claims: list  # functions (results) -> (claim, verdict, evidence)
     cpu_steps: int
     multi_seed: bool = False  # several seeds (the close comparisons)
-    reduced: bool = False  # starts from table2's FO model (the last MLP only, §3.2)
+    reduced: bool = False  # the last MLP only (§3.2), from the base model (`base_run`)
     note: str = ""
 
 
 REDUCED_CPU_NOTE = (
-    "At CPU scale the starting model (table2's FO run, 200 steps) is barely trained and its last MLP, which these "
-    "runs re-initialise and train, moves the loss by ~0.001 nat (compare the untrained and final eval losses): "
-    "there is next to nothing for a reduced-dimension run to learn here, so these loss claims cannot be settled "
-    "at this scale; the gradient-variance columns are still measured.")
+    "At CPU scale these runs start from the base model below, whose last MLP they re-initialise (before the "
+    "untrained evaluation) and train.")
 
 
 def _probe_at_end(draws: int) -> Callable[[int], dict]:
@@ -115,7 +120,7 @@ def _studies() -> dict[str, Study]:
             Run("fo", "fig5_fo", dict(loss=7.98)),
             Run("zo_q1", "fig5_zo_q1", dict(loss=8.02)),
             Run("zo_q20", "fig5_zo_q20", dict(loss="≈ FO (curve)"), multi_seed=False),
-        ], [claim_reduced_q1_close, claim_reduced_q20_closer], cpu_steps=200, multi_seed=True, reduced=True,
+        ], [claim_reduced_q1_close, claim_reduced_q20_closer], cpu_steps=500, multi_seed=True, reduced=True,
             note="q = 20 runs with the first seed only (40 forwards per step). " + REDUCED_CPU_NOTE),
         Study("table3", "Table 3: ZO-SGD q = 1 on the reduced dimension, batch size 2 / 4 / 8", [
             Run("bs2", "table3_zo_q1_bs2", dict(loss=9.953, hours=1.2, mem_gb=1.6, var=26.1), _batch(2),
@@ -124,7 +129,7 @@ def _studies() -> dict[str, Study]:
                 probe=_probe_at_end(4)),
             Run("bs8", "table3_zo_q1_bs8", dict(loss=9.981, hours=1.5, mem_gb=6.1, var=7.8), _batch(8),
                 probe=_probe_at_end(4)),
-        ], [claim_small_batch_lower_loss, claim_small_batch_higher_var], cpu_steps=100, multi_seed=True,
+        ], [claim_small_batch_lower_loss, claim_small_batch_higher_var], cpu_steps=250, multi_seed=True,
             reduced=True,
             note="As in the paper (2 epochs for every batch size) every run sees the same number of samples: "
                  "batch 2 takes 4x and batch 4 2x the steps of batch 8 (`--scale cpu` keeps the recipe's "
@@ -133,7 +138,7 @@ def _studies() -> dict[str, Study]:
             Run("alpha_0", "table4_zo_q2_alpha_0", dict(loss=7.981, var=9.8), probe=_probe_at_end(4)),
             Run("alpha_-0.5", "table4_zo_q2_alpha_m05", dict(loss=8.000, var=8.7), probe=_probe_at_end(4)),
             Run("alpha_-0.9", "table4_zo_q2_alpha_m09", dict(loss=8.016, var=1.5), probe=_probe_at_end(4)),
-        ], [claim_alpha_lower_var, claim_alpha_higher_loss], cpu_steps=200, multi_seed=True, reduced=True,
+        ], [claim_alpha_lower_var, claim_alpha_higher_loss], cpu_steps=500, multi_seed=True, reduced=True,
             note=REDUCED_CPU_NOTE),
         Study("fig4", "Figure 4: density of gradient entries, FO vs ZO q = 1, q = 20", [
             Run("zo_q1", "table2_zo_q1", dict(var_ratio=1000),
@@ -148,9 +153,12 @@ def _studies() -> dict[str, Study]:
         Study("fig6", "Figure 6: layer-wise pretraining, FO vs ZO per layer (embedding with FO first)", [
             Run("layerwise_fo", "fig6_layerwise_fo", dict(loss="curve"), lambda s: _layerwise_schedule(s, "fo")),
             Run("layerwise_zo", "fig6_layerwise_zo", dict(loss="curve"), lambda s: _layerwise_schedule(s, "zo")),
-        ], [claim_layerwise_zo_close], cpu_steps=300,
+            Run("full_fo", "table2_fo", dict(loss="curve"),
+                lambda s: {"max_steps": _layerwise_schedule(s, "fo")["max_steps"]}),
+        ], [claim_layerwise_zo_close], cpu_steps=1500,
             note="CPU scale: a block_schedule with `steps` (embedding FO for a third of the steps, then each of "
-                 "llama-tiny's 4 layers re-initialised and trained for an equal share), same total for FO and ZO."),
+                 "llama-tiny's 4 layers re-initialised and trained for an equal share), same total for FO and ZO; "
+                 "`full_fo` trains the whole model by FO-SGD for the same steps, as the paper's figure shows."),
     ]}
 
 
@@ -231,14 +239,24 @@ def claim_time_linear_in_q(res):
 
 
 def claim_zo_memory(res):
+    """On the step's own memory: at CPU scale the peak above the weights (and in total) of the paper's llama2-20m,
+    measured side by side in fresh processes (`memory_at_20m`); at paper scale the runs' own (GPU) peaks."""
     claim = "ZO's peak memory is a fraction of FO's (paper: 3.2 / 21.2 GB = 15%)"
-    fo, q1, q20 = (_mean(res[k], "train_peak_memory_mb") for k in ("fo", "zo_q1", "zo_q20"))
-    evidence = (f"peak memory (process, MB) FO {fo:.0f}, q=1 {q1:.0f} ({q1 / fo:.0%}), q=20 {q20:.0f} "
-                f"({q20 / fo:.0%})")
-    if max(q1, q20) < 0.9 * fo:
-        return claim, HOLDS, evidence + (" (below FO; the fraction is larger than the paper's because the "
-                                         "process baseline (Python, torch) dominates a 1.3M-parameter model)")
-    return claim, FAILS, evidence
+    if "memory_20m" in res:
+        memory = res["memory_20m"]
+        peak = {kind: memory["glibc"][kind]["increment"] / 1024 for kind in ("zo", "zo_q20", "fo_sgd", "inference")}
+        total = {kind: memory["glibc"][kind]["peak"] / 1024 for kind in peak}
+        fo, q1, q20 = peak["fo_sgd"], peak["zo"], peak["zo_q20"]
+        evidence = (f"{memory['model']} ({memory['batch']}), peak above the weights (resident set above its start: "
+                    f"weights, Python and torch loaded) in MiB: FO-SGD {fo:.0f}, ZO q=1 {q1:.0f} ({q1 / fo:.0%}), "
+                    f"q=20 {q20:.0f} ({q20 / fo:.0%}), inference {peak['inference']:.0f}; in total: FO-SGD "
+                    f"{total['fo_sgd']:.0f}, q=1 {total['zo']:.0f}, q=20 {total['zo_q20']:.0f} "
+                    f"(`{memory['command']}`, median of fresh processes, glibc's allocator)")
+    else:
+        fo, q1, q20 = (_mean(res[k], "train_peak_memory_mb") for k in ("fo", "zo_q1", "zo_q20"))
+        evidence = (f"peak memory of the runs (MB) FO {fo:.0f}, q=1 {q1:.0f} ({q1 / fo:.0%}), q=20 {q20:.0f} "
+                    f"({q20 / fo:.0%})")
+    return claim, (HOLDS if max(q1, q20) < 0.9 * fo else FAILS), evidence
 
 
 def claim_reduced_q1_close(res):
@@ -247,7 +265,8 @@ def claim_reduced_q1_close(res):
     dfo, dq1 = _decrease(res["fo"]), _decrease(res["zo_q1"])
     spread = max(_spread(res["fo"], "eval_loss"), _spread(res["zo_q1"], "eval_loss"))
     evidence = (f"eval loss FO {_fmt(res['fo'], 'eval_loss')}, ZO q=1 {_fmt(res['zo_q1'], 'eval_loss')} "
-                f"(gap {q1 - fo:+.3f}); decrease from the FO starting model FO {dfo:.3f}, ZO q=1 {dq1:.3f}")
+                f"(gap {q1 - fo:+.3f}, the seeds' spread {spread:.3f}); decrease from the re-initialised starting "
+                f"model FO {dfo:.3f}, ZO q=1 {dq1:.3f}")
     if not _finite(q1):
         return claim, FAILS, evidence + " (ZO diverged)"
     if not dfo > LEARN_MIN:
@@ -340,6 +359,8 @@ def claim_layerwise_zo_close(res):
     evidence = (f"eval loss FO {_fmt(fo, 'eval_loss')}, ZO {_fmt(zo, 'eval_loss')} (gap "
                 f"{_mean(zo, 'eval_loss') - _mean(fo, 'eval_loss'):+.3f}); decrease from the untrained model "
                 f"FO {dfo:.3f}, ZO {dzo:.3f}")
+    if "full_fo" in res:
+        evidence += f"; the whole model by FO in the same steps: eval loss {_fmt(res['full_fo'], 'eval_loss')}"
     if not _finite(dzo):
         return claim, FAILS, evidence + " (ZO diverged)"
     if not dfo > LEARN_MIN:
@@ -356,32 +377,54 @@ ORDER = ["table2", "fig5", "table3", "table4", "fig4", "fig6"]
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def cpu_overrides(study: Study, run: Run, steps: int | None) -> dict:
+def cpu_overrides(study: Study, run: Run, steps: int | None, lr: float | None) -> dict:
     """This script's CPU-scale flags for a run (on top of pretrain_zo.py's `--scale cpu`)."""
     n = steps or study.cpu_steps
-    flags = {"max_steps": n, "block_size": 32 if steps else 64, "max_eval_samples": 16 if steps else 32,
-             "save_strategy": "no", "learning_rate": CPU_LEARNING_RATE}
+    flags = {"max_steps": n, "block_size": 32 if steps else 64, "max_eval_samples": 16 if steps else 128,
+             "save_strategy": "no", "learning_rate": lr}
     flags.update(run.cpu(n))
     total = flags["max_steps"]
-    flags.update(logging_steps=max(1, total // 10), eval_steps=max(1, total // 2))
+    flags.update(logging_steps=max(1, total // 10), eval_steps=max(1, total // 10))
     return flags
 
 
-def run_dir(scale: str, study: str, label: str, seed: int) -> Path:
-    return RUNS / scale / study / f"{label}-s{seed}"
+def run_dir(scale: str, study: str, label: str, seed: int, lr: float | None = None) -> Path:
+    return RUNS / scale / study / (f"{label}-s{seed}" if lr is None else f"{label}-lr{lr:g}-s{seed}")
+
+
+BASE_STUDY = Study("base", "The starting model of the reduced-dimension studies", [
+    Run("fo", "table2_fo", {}, lambda steps: BASE_FLAGS)], [], cpu_steps=BASE_STEPS)
+
+
+def base_run(scale: str, seed: int, steps: int | None, log) -> Path:
+    """The model the reduced-dimension studies start from, trained once: at CPU scale `BASE_FLAGS` for `BASE_STEPS`
+    steps; at paper scale table2's FO run, as in the paper (§3.2)."""
+    if scale == "cpu":
+        lr = BASE_FLAGS["learning_rate"]
+        path = run_dir(scale, "base", "fo", seed, lr)
+        run_one(command(BASE_STUDY, BASE_STUDY.runs[0], scale, seed, steps, None, lr), path, force=False, log=log)
+        return path
+    table2 = STUDIES["table2"]
+    fo = next(r for r in table2.runs if r.label == "fo")
+    path = run_dir(scale, "table2", "fo", seed)
+    run_one(command(table2, fo, scale, seed, steps, None, None), path, force=False, log=log)
+    return path
 
 
 def _rel(path: Path) -> str:
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
 
 
-def command(study: Study, run: Run, scale: str, seed: int, steps: int | None, base: Path | None) -> list[str]:
-    flags = {"output_dir": _rel(run_dir(scale, study.name, run.label, seed)), "seed": seed}
+def command(study: Study, run: Run, scale: str, seed: int, steps: int | None, base: Path | None,
+            lr: float | None) -> list[str]:
+    """The run's pretrain_zo.py command; ``lr``: its learning rate at CPU scale (None at paper scale: the recipe's)."""
+    flags = {"output_dir": _rel(run_dir(scale, study.name, run.label, seed, lr if scale == "cpu" else None)),
+             "seed": seed}
     if scale == "cpu":
-        flags.update(cpu_overrides(study, run, steps))
+        flags.update(cpu_overrides(study, run, steps, lr))
     if run.probe:
         flags.update(run.probe(flags.get("max_steps") or steps or 0) if scale == "cpu" else run.probe(1000))
-    if study.reduced:  # start from table2's FO model (--scale cpu nulls the recipe's model_name_or_path)
+    if study.reduced:  # start from the base model (--scale cpu nulls the recipe's model_name_or_path)
         flags.update(model_name_or_path=_rel(base), tokenizer_name=_rel(base))
     cmd = ["python", "recipes/pretrain_zo.py", "--config", f"recipes/paper/{run.recipe}.yaml"]
     if scale == "cpu":
@@ -408,6 +451,8 @@ def read_results(path: Path) -> dict:
     if out["diverged"]:  # a blown-up model may settle on a uniform prediction: its later losses mean nothing
         out["eval_loss"] = out["final_train_loss"] = None
     out["steps"] = steps
+    out["path"] = path
+    out["eval_curve"] = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
     out["s_it"] = results["train_runtime"] / steps if steps else None
     out["steady_s_it"] = _steady_s_it(history)
     if probes:
@@ -430,6 +475,24 @@ def _steady_s_it(history: list[dict]) -> float | None:
     rates = [(b["wall_time"] - a["wall_time"]) / (b["step"] - a["step"]) for a, b in zip(logs[1:], logs[2:])
              if b["step"] > a["step"] and not any(a["step"] < s <= b["step"] for s in busy)]
     return min(rates) if rates else None
+
+
+def memory_at_20m(steps: int | None, log) -> dict:
+    """Table 2's memory at CPU scale: the peaks of inference, of a ZO step with q = 1 and q = 20 and of an FO-SGD
+    step on the paper's llama2-20m (8 x 256 tokens), side by side, each in fresh processes
+    (`benchmarks/bench_zo_step.py`); cached in the study's run dir. ``steps`` (tests): llama-tiny, one process each."""
+    model, runs = ("small", 1) if steps else ("20m", 3)
+    path = RUNS / "cpu" / "table2" / f"memory_{model}.json"
+    cmd = ["python", "benchmarks/bench_zo_step.py", "--models", model, "--memory-only", "--memory-kinds",
+           "inference,zo,zo_q20,fo_sgd", "--memory-runs", str(runs)]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"  $ {shlex.join(cmd)}")
+        subprocess.run([sys.executable, *cmd[1:], "--json", str(path)], cwd=ROOT, check=True, capture_output=True)
+    batch = {"small": "8 x 128 tokens", "20m": "8 x 256 tokens"}[model]
+    model_name = {"small": "llama-tiny", "20m": "llama2-20m"}[model]
+    return {**json.loads(path.read_text())["memory_kib"][model], "model": model_name, "batch": batch,
+            "command": shlex.join(cmd)}
 
 
 def run_one(cmd: list[str], path: Path, force: bool, log) -> dict:
@@ -463,7 +526,7 @@ def _paper(value, fmt="{}") -> str:
 
 
 def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: dict, out: Path,
-                 argv: list[str], wall: float) -> Path:
+                 argv: list[str], wall: float, sweeps: dict[str, dict[float, dict]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     paper = Path(os.path.relpath(ROOT / PAPER_TEXT, out.resolve())).as_posix()  # a link that resolves from <out>
     lines = [f"# {study.title}", "",
@@ -477,12 +540,16 @@ def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: di
              "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python recipes/reproduce.py " + shlex.join(argv), "```", ""]
     if study.note:
         lines += [study.note, ""]
+    if "base" in res:
+        lines += _base_lines(res["base"][0], scale)
 
     lines += ["## Verdicts", ""]
     for claim in study.claims:
         text, verdict, evidence = claim(res)
         lines.append(f"- **{verdict.upper()}** — {text}: {evidence}.")
     lines.append("")
+    if sweeps:
+        lines += _sweep_lines(sweeps, res)
 
     lines += ["## Paper vs ours", "",
               "| run | paper loss | our final train loss | our eval loss | untrained eval loss | paper time | "
@@ -503,8 +570,8 @@ def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: di
               "s/it = the best (min) time per step over the intervals between training logs that hold no "
               "evaluation or probe (the shared cores make interval times vary ~10x). "
               "Final train loss = the last logged training loss; eval loss = after training, "
-              "untrained = the same eval before training (for reduced-dimension runs: the FO model of table2, "
-              "evaluated before its last MLP is re-initialised at step 0). Peak memory = the process's peak RSS during training (CPU). "
+              "untrained = the same eval before training (for reduced-dimension runs: the starting model with its "
+              "last MLP re-initialised). Peak memory = the process's peak RSS during training (CPU). "
               "Variance = `probe/zo_var` (spread of the ZO gradient entries on a fixed batch, the paper's "
               "'Variance'), ratio = `probe/var_ratio` (ZO var / FO var).", ""]
 
@@ -519,8 +586,8 @@ def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: di
         lines += ["Every run also gets pretrain_zo.py's `--scale cpu` (llama-tiny, sotu corpus, float32, per-device "
                   "batch 8 unless `--per_device_train_batch_size` is given above, as for Table 3) plus the flags "
                   "above. The recipes' method keys (training_order, zo_*, optim sgd, constant learning rate, no "
-                  f"weight decay, no clipping) are kept, except the learning rate: {CPU_LEARNING_RATE} for every run "
-                  "(the recipes' 1e-3 barely moves llama-tiny within a CPU budget; the paper does not give its own). "
+                  "weight decay, no clipping) are kept, except the learning rate, which every run sweeps (above; the "
+                  "paper does not give its own). "
                   f"A run whose training loss exceeds {DIVERGED_FACTOR:g}x the untrained eval loss counts as diverged "
                   "and its final losses as missing.", ""]
     path = out / f"{study.name}.md"
@@ -528,10 +595,37 @@ def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: di
     return path
 
 
+def _base_lines(base: dict, scale: str) -> list[str]:
+    """Where the reduced-dimension runs start: the base model's training and its held-out curve."""
+    curve = base["eval_curve"]
+    how = (f"llama-tiny trained by first-order AdamW (lr {BASE_FLAGS['learning_rate']:g}, constant) on the whole "
+           f"model for {base['steps']} steps" if scale == "cpu" else f"table2's FO run ({base['steps']} steps)")
+    lines = ["## The starting model", "",
+             f"{how}: held-out loss {base['init_eval_loss']:.3f} untrained, {base['eval_loss']:.3f} at the end; "
+             "(step: held-out loss) " + ", ".join(f"{e['step']}: {e['eval_loss']:.3f}" for e in curve) + "."]
+    if len(curve) >= 3:
+        lines[-1] += (f" Over its last {curve[-1]['step'] - curve[-3]['step']} steps the held-out loss moved by "
+                      f"{curve[-1]['eval_loss'] - curve[-3]['eval_loss']:+.3f} nat.")
+    return lines + [""]
+
+
+def _sweep_lines(sweeps: dict[str, dict[float, dict]], res: dict) -> list[str]:
+    lines = ["## Learning rates", "",
+             "Every run, FO and ZO alike, sweeps the same grid on the first seed; the rate of the lowest final held-out "
+             "loss among the runs that did not diverge is kept, and the other seeds run it.", "",
+             "| run | kept | " + " | ".join(f"lr {lr:g}" for lr in next(iter(sweeps.values()))) + " |",
+             "|---|---|" + "---|" * len(next(iter(sweeps.values())))]
+    for label, sweep in sweeps.items():
+        cells = ["diverged" if r["diverged"] or not _finite(r["eval_loss"]) else f"{r['eval_loss']:.3f}"
+                 for r in sweep.values()]
+        lines.append(f"| {label} | {best_learning_rate(sweep):g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def plot_study(study: Study, scale: str, seeds: list[int], res: dict, out: Path) -> list[Path]:
     from zo_trainer.plotting import plot_gradient_density, plot_loss_curves
 
-    dirs = [run_dir(scale, study.name, run.label, seeds[0]) for run in study.runs]
+    dirs = [res[run.label][0]["path"] for run in study.runs]  # the first seed's, at its kept learning rate
     labels = [run.label for run in study.runs]
     pngs = []
     for x in ("step", "forward_passes"):
@@ -554,30 +648,43 @@ def plot_study(study: Study, scale: str, seeds: list[int], res: dict, out: Path)
 
 # ------------------------------------------------------------------------------------------------ main
 def run_study(name: str, scale: str, seeds: list[int], out: Path, steps: int | None, force: bool, argv: list[str],
-              log=print) -> Path:
+              lr_grid: tuple[float, ...] = LR_GRID, log=print) -> Path:
     """Run (or reuse) every run of a study, then write its report. Run dirs: RUNS/<scale>/<study>/."""
     study = STUDIES[name]
     start = time.time()
     log(f"== {name} ({scale})")
-    base = None
-    if study.reduced:  # table2's FO run (first seed) is the starting model
-        table2 = STUDIES["table2"]
-        fo = next(r for r in table2.runs if r.label == "fo")
-        base = run_dir(scale, "table2", "fo", seeds[0])
-        run_one(command(table2, fo, scale, seeds[0], steps, None), base, force=False, log=log)
-    res, cmds = {}, {}
+    base = base_run(scale, seeds[0], steps, log) if study.reduced else None
+    res, cmds, sweeps = {}, {}, {}
     for run in study.runs:
         run_seeds = seeds if (study.multi_seed and run.multi_seed) else seeds[:1]
-        res[run.label] = []
-        for seed in run_seeds:
-            cmd = command(study, run, scale, seed, steps, base)
-            cmds[(run.label, seed)] = cmd
-            res[run.label].append(run_one(cmd, run_dir(scale, name, run.label, seed), force, log))
+
+        def result(seed, lr):
+            cmd = command(study, run, scale, seed, steps, base, lr)
+            cmds[(run.label, seed, lr)] = cmd
+            return run_one(cmd, run_dir(scale, name, run.label, seed, lr), force, log)
+
+        if scale == "cpu":  # one rule for every run: the grid on the first seed, its best on the others
+            sweeps[run.label] = {lr: result(run_seeds[0], lr) for lr in lr_grid}
+            best = best_learning_rate(sweeps[run.label])
+            res[run.label] = [sweeps[run.label][best], *(result(seed, best) for seed in run_seeds[1:])]
+        else:
+            res[run.label] = [result(seed, None) for seed in run_seeds]
+    if study.reduced:
+        res["base"] = [read_results(base)]
+    if name == "table2" and scale == "cpu":
+        res["memory_20m"] = memory_at_20m(steps, log)
     # the study's wall time: the sum of its runs' own wall times (written when they ran), so a resumed or
     # regenerated report keeps the time the runs took; this call's time where a run has none
-    walls = [run_dir(scale, name, label, seed) / "reproduce_wall_s.txt" for label, seed in cmds]
+    walls = [run_dir(scale, name, label, seed, lr) / "reproduce_wall_s.txt" for label, seed, lr in cmds]
     wall = (sum(float(w.read_text()) for w in walls) if all(w.is_file() for w in walls) else time.time() - start)
-    return write_report(study, scale, seeds, res, cmds, out, argv, wall)
+    return write_report(study, scale, seeds, res, cmds, out, argv, wall, sweeps)
+
+
+def best_learning_rate(sweep: dict[float, dict]) -> float:
+    """The learning rate of the lowest final held-out loss among the runs that did not diverge (the lowest rate
+    where every run diverged)."""
+    finished = {lr: r["eval_loss"] for lr, r in sweep.items() if not r["diverged"] and _finite(r["eval_loss"])}
+    return min(finished, key=finished.get) if finished else min(sweep)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -593,7 +700,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--runs", default=None, help="where run output dirs go (default runs/reproduce)")
     parser.add_argument("--flags", default="", help="more pretrain_zo.py flags for every run, e.g. "
                         "'--zo_reuse_prefix false'")
+    parser.add_argument("--lr-grid", default=",".join(f"{lr:g}" for lr in LR_GRID),
+                        help="CPU scale: the learning rates every run sweeps on the first seed (comma-separated)")
     args = parser.parse_args(argv)
+    lr_grid = tuple(float(lr) for lr in args.lr_grid.split(","))
     EXTRA_FLAGS = shlex.split(args.flags)
     RUNS = (Path(args.runs).resolve() if args.runs else ROOT / "runs" / "reproduce") / ("" if args.steps is None else f"steps{args.steps}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -602,7 +712,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     reports = []
     for name in names:
         study_argv = [name] + argv[1:]
-        reports.append(run_study(name, args.scale, seeds, out, args.steps, args.force, study_argv))
+        reports.append(run_study(name, args.scale, seeds, out, args.steps, args.force, study_argv, lr_grid))
         print(f"wrote {reports[-1]}", flush=True)
     return reports
 

@@ -30,7 +30,8 @@ def table2_report(tmp_path_factory):
     monkey = pytest.MonkeyPatch()
     monkey.setenv("HF_HUB_OFFLINE", "1")
     monkey.setenv("HF_DATASETS_OFFLINE", "1")
-    argv = ["table2", "--steps", "2", "--seeds", "0", "--runs", str(tmp / "runs"), "--out", str(tmp / "docs")]
+    argv = ["table2", "--steps", "2", "--seeds", "0", "--runs", str(tmp / "runs"), "--out", str(tmp / "docs"),
+            "--lr-grid", "0.01"]
     try:
         (report,) = reproduce.main(argv)
     finally:
@@ -50,7 +51,7 @@ def test_table2_report_end_to_end(table2_report):
     rows = {line.split(" ")[1]: line for line in text.splitlines() if line.startswith("| ") and "`table2_" in line}
     assert set(rows) == {run.label for run in reproduce.STUDIES["table2"].runs} == {"fo", "zo_q1", "zo_q20", "zo_q20_mean"}
     for label, row in rows.items():
-        run = tmp / "runs" / "steps2" / "cpu" / "table2" / f"{label}-s0"
+        run = tmp / "runs" / "steps2" / "cpu" / "table2" / f"{label}-lr0.01-s0"
         results = json.loads((run / "all_results.json").read_text())
         history = json.loads((run / "trainer_state.json").read_text())["log_history"]
         steps = max(e.get("step", 0) for e in history)
@@ -66,6 +67,10 @@ def test_table2_report_end_to_end(table2_report):
     verdicts = re.findall(r"^- \*\*(.+?)\*\* — ", text, flags=re.M)
     assert len(verdicts) == len(reproduce.STUDIES["table2"].claims)
     assert all(v.lower() in VERDICTS for v in verdicts)
+    # the memory claim on the step's own memory, measured side by side (llama-tiny at --steps)
+    measured = json.loads((tmp / "runs" / "steps2" / "cpu" / "table2" / "memory_small.json").read_text())["memory_kib"]
+    fo_above = measured["small"]["glibc"]["fo_sgd"]["increment"] / 1024
+    assert f"FO-SGD {fo_above:.0f}, ZO q=1" in text
     # the command that regenerates it, and the per-run commands
     assert "python recipes/reproduce.py " + " ".join(argv) in text
     assert text.count("python recipes/pretrain_zo.py --config recipes/paper/table2_") == 4
@@ -89,15 +94,16 @@ def test_finished_runs_are_skipped(table2_report, capsys):
 def test_cpu_commands_carry_the_study_overrides():
     study = reproduce.STUDIES["table3"]
     base = reproduce.ROOT / "runs" / "x"
-    cmd = reproduce.command(study, study.runs[0], "cpu", 1, None, base)
+    cmd = reproduce.command(study, study.runs[0], "cpu", 1, None, base, 0.1)
     flags = dict(zip(cmd[2::2], cmd[3::2]))
     assert flags["--per_device_train_batch_size"] == "2" and flags["--max_steps"] == str(4 * study.cpu_steps)
+    assert flags["--learning_rate"] == "0.1" and flags["--output_dir"].endswith("bs2-lr0.1-s1")
     assert flags["--model_name_or_path"] == "runs/x" and flags["--seed"] == "1"
     assert flags["--gradient_probe_steps"] == flags["--max_steps"]
-    paper = reproduce.command(study, study.runs[0], "paper", 1, None, base)
+    paper = reproduce.command(study, study.runs[0], "paper", 1, None, base, None)
     assert "--scale" not in paper and "--max_steps" not in paper and paper[:2] == ["accelerate", "launch"]
     fig6 = reproduce.STUDIES["fig6"]
-    cmd = reproduce.command(fig6, fig6.runs[1], "cpu", 0, None, None)
+    cmd = reproduce.command(fig6, fig6.runs[1], "cpu", 0, None, None, 0.01)
     schedule = json.loads(cmd[cmd.index("--block_schedule") + 1])
     total = schedule[0]["steps"] + 4 * schedule[1]["steps"]
     assert cmd[cmd.index("--max_steps") + 1] == str(total) and schedule[1]["training_order"] == "zo"
@@ -107,7 +113,14 @@ def test_flags_reach_every_run(monkeypatch):
     monkeypatch.setattr(reproduce, "EXTRA_FLAGS", ["--zo_reuse_prefix", "false"])
     fig6 = reproduce.STUDIES["fig6"]
     for run in fig6.runs:
-        assert reproduce.command(fig6, run, "cpu", 0, None, None)[-2:] == ["--zo_reuse_prefix", "false"]
+        assert reproduce.command(fig6, run, "cpu", 0, None, None, 0.01)[-2:] == ["--zo_reuse_prefix", "false"]
+
+
+def test_the_kept_learning_rate_is_the_lowest_final_loss_that_did_not_diverge():
+    sweep = {1e-3: dict(eval_loss=8.1, diverged=False), 1e-2: dict(eval_loss=7.9, diverged=False),
+             1e-1: dict(eval_loss=None, diverged=True), 1.0: dict(eval_loss=4.0, diverged=True)}
+    assert reproduce.best_learning_rate(sweep) == 1e-2
+    assert reproduce.best_learning_rate({1e-2: dict(eval_loss=None, diverged=True)}) == 1e-2
 
 
 # ------------------------------------------------------------------------------------------- verdicts
@@ -129,6 +142,14 @@ def test_q20_closer_and_time_and_memory():
     assert reproduce.claim_q20_closer(res)[1] == reproduce.FAILS
     assert reproduce.claim_time_linear_in_q(res)[1] == reproduce.FAILS
     assert reproduce.claim_zo_memory(res)[1] == reproduce.FAILS
+    # at CPU scale the claim is judged on the 20M model's peaks above the weights, not on the runs' process peaks
+    def measured(zo_q20_above):
+        kib = {"zo": 300, "zo_q20": zo_q20_above, "fo_sgd": 1000, "inference": 290}
+        return {"glibc": {k: {"increment": v * 1024, "peak": (v + 900) * 1024} for k, v in kib.items()},
+                "model": "llama2-20m", "batch": "8 x 256 tokens", "command": "bench"}
+    assert reproduce.claim_zo_memory({**res, "memory_20m": measured(310)})[1] == reproduce.HOLDS
+    assert "FO-SGD 1000, ZO q=1 300 (30%)" in reproduce.claim_zo_memory({**res, "memory_20m": measured(310)})[2]
+    assert reproduce.claim_zo_memory({**res, "memory_20m": measured(950)})[1] == reproduce.FAILS
 
 
 def test_ordered_claims_use_the_seed_spread():
