@@ -173,6 +173,8 @@ def test_reduced_and_probe_and_layerwise_claims():
     fo, close, far = [_result(init=9.0, eval_loss=8.0)], [_result(init=9.0, eval_loss=8.03)], [_result(init=9.0, eval_loss=8.9)]
     assert reproduce.claim_reduced_q1_close({"fo": fo, "zo_q1": close})[1] == reproduce.HOLDS
     assert reproduce.claim_reduced_q1_close({"fo": fo, "zo_q1": far})[1] == reproduce.FAILS
+    unmoved = [_result(init=9.0, eval_loss=8.99)]  # within 0.05 of a small FO drop, but ZO learned nothing
+    assert reproduce.claim_reduced_q1_close({"fo": [_result(init=9.0, eval_loss=8.96)], "zo_q1": unmoved})[1] == reproduce.FAILS
     assert reproduce.claim_reduced_q20_closer({"fo": fo, "zo_q1": far, "zo_q20": close})[1] == reproduce.HOLDS
     assert reproduce.claim_reduced_q20_closer({"fo": fo, "zo_q1": close, "zo_q20": far})[1] == reproduce.FAILS
     probes = {"zo_q1": [dict(var_ratio=1200.0, estimate_var=1.0)], "zo_q20": [dict(var_ratio=90.0, estimate_var=0.1)]}

@@ -91,6 +91,9 @@ def test_a_plain_training_arguments_is_accepted(tmp_path):
     trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset())
     assert isinstance(trainer.args, ZOConfig) and trainer.args.training_order == "zo"
     assert trainer.args.max_steps == 1
+    assert trainer.args.zo_step_rule == "normalized"  # the rule whose rates are AdamW's: the learning rate keeps its meaning
+    assert ZOTrainer(model=tiny_llama(), args=config(tmp_path), train_dataset=random_token_dataset()).args.zo_step_rule \
+        == "gradient"  # a ZOConfig keeps its own
 
 
 def test_a_process_of_a_launch_outside_its_process_group_is_refused(tmp_path, monkeypatch):

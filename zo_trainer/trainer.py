@@ -40,8 +40,9 @@ class ZOTrainer(CheckpointSafety, Trainer):
     """Drop-in replacement for `Trainer`: same constructor, same methods, ZO training by default.
 
     Composes with any Trainer subclass: ``class ZOSFTTrainer(ZOTrainer, SFTTrainer)``. Arguments of any
-    `TrainingArguments` subclass are upgraded to their `zo_config_class` with the default ZO settings, every value
-    kept; a `ZOConfig` given to such a subclass is upgraded to ``zo_config_class(args_class)``.
+    `TrainingArguments` subclass are upgraded to their `zo_config_class` with the default ZO settings but the
+    ``normalized`` step rule (its rates are AdamW's, so the learning rate given keeps its meaning), every value
+    kept; a `ZOConfig` given to such a subclass is upgraded to ``zo_config_class(args_class)``, its settings kept.
     """
 
     args_class: type[TrainingArguments] = TrainingArguments  # what the Trainer base expects: SFTConfig for SFTTrainer
@@ -144,7 +145,10 @@ class ZOTrainer(CheckpointSafety, Trainer):
             )
         if type(args) is cls:
             return args
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+        # arguments written for a first-order Trainer carry a learning rate meant for AdamW: the normalized rule,
+        # whose step does not depend on the loss's scale, takes AdamW's rates (bench_convergence: 1e-3 for both)
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return cls(**values, **({} if isinstance(args, ZOConfig) else {"zo_step_rule": "normalized"}))
 
     def recording_nothing(self) -> _RecordOnce:
         """Context for forwards that are no training step (gradient probe, lr-find): what compute_loss records in
