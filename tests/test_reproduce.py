@@ -121,6 +121,9 @@ def test_the_kept_learning_rate_is_the_lowest_final_loss_that_did_not_diverge():
              1e-1: dict(eval_loss=None, diverged=True), 1.0: dict(eval_loss=4.0, diverged=True)}
     assert reproduce.best_learning_rate(sweep) == 1e-2
     assert reproduce.best_learning_rate({1e-2: dict(eval_loss=None, diverged=True)}) == 1e-2
+    # the sweep goes up to the first rate that ends above its untrained loss
+    assert reproduce._worse_than_untrained(dict(init_eval_loss=4.39, eval_loss=6.7, diverged=False))
+    assert not reproduce._worse_than_untrained(dict(init_eval_loss=4.39, eval_loss=4.38, diverged=False))
 
 
 # ------------------------------------------------------------------------------------------- verdicts
