@@ -498,7 +498,13 @@ def memory_at_20m(steps: int | None, log) -> dict:
 
 
 def run_one(cmd: list[str], path: Path, force: bool, log) -> dict:
-    """Run one recipe in its own subprocess unless `path` already has all_results.json; return its results."""
+    """Run one recipe in its own subprocess unless `path` already has all_results.json; return its results. A run
+    that the trainer stopped as diverged (it writes no model) is a result too: diverged, no losses."""
+    diverged = {"diverged": True, "eval_loss": None, "init_eval_loss": None, "final_train_loss": None, "path": path,
+                "eval_curve": []}
+    if not force and (path / "diverged.txt").is_file():
+        log(f"  skip (done, diverged): {_rel(path)}")
+        return diverged
     if force or not (path / "all_results.json").is_file():
         path.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -508,6 +514,9 @@ def run_one(cmd: list[str], path: Path, force: bool, log) -> dict:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         log(f"    rc {proc.returncode} in {time.time() - start:.0f} s")
         (path / "reproduce_wall_s.txt").write_text(f"{time.time() - start:.1f}\n")
+        if proc.returncode != 0 and "The run has diverged" in (path / "reproduce.log").read_text():
+            (path / "diverged.txt").write_text("the trainer stopped this run as diverged: see reproduce.log\n")
+            return diverged
         if proc.returncode != 0 or not (path / "all_results.json").is_file():
             raise RuntimeError(f"run failed (rc {proc.returncode}): {shlex.join(cmd)}; see {path / 'reproduce.log'}")
     else:
