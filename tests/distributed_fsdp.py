@@ -75,7 +75,7 @@ def mixed_precision() -> dict:
     estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, 0)
     model.reshard()
     restored = all(torch.equal(p.full_tensor(), before[name]) for name, p in model.named_parameters())
-    optimizer = ZOSGD(list(model.parameters()), estimator, lr=1e-2)
+    optimizer = ZOSGD(list(model.parameters()), estimator, lr=3e-3)
     losses = []
     for step in range(20):
         probe = estimator.probe(lambda: model(input_ids=batch, labels=batch).loss, step)

@@ -204,11 +204,12 @@ def test_a_batch_is_gathered_in_one_collective_per_dtype_and_batch_size():
 
 def test_communication_is_a_few_scalars_per_step(runs):
     data_log = [e for e in runs["data"][0]["log"] if "loss" in e]
-    assert [e["communicated_bytes"] for e in data_log] == [32, 64, 96]  # q = 4 float64 projected gradients
+    # q = 4 float64 projected gradients and the 2q perturbed losses (the spread rule's σ): 3q scalars
+    assert [e["communicated_bytes"] for e in data_log] == [96, 192, 288]
     query_log = [e for e in runs["query"][0]["log"] if "loss" in e]
     gathered = 2 * 8 * 32 * 8  # input_ids and labels, 8 sequences of 32 int64 tokens
     lengths = 2 * 2 * 8  # their lengths on each of the 2 processes, int64
-    assert [e["communicated_bytes"] for e in query_log] == [(gathered + lengths + 32) * k for k in (1, 2, 3)]
+    assert [e["communicated_bytes"] for e in query_log] == [(gathered + lengths + 96) * k for k in (1, 2, 3)]
 
 
 def test_two_process_checkpoint_resumes_on_one_process(runs):

@@ -301,7 +301,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
         stage the update: in the ZO optimizer, or in ``.grad`` for `optim`."""
         step, pending = self.state.global_step, self._pending_estimate()
         values = pending.values
-        if self.accelerator.num_processes > 1:  # without a backward, DDP reduces nothing: q scalars do it
+        if self.accelerator.num_processes > 1:  # without a backward, DDP reduces nothing: a few scalars per query do it
             # data-parallel: average the shards' estimates; query-parallel: each process filled its own queries
             values = self.accelerator.reduce(values, reduction="sum" if self._query_parallel else "mean")
             self._counters["communicated_bytes"] += values.numel() * values.element_size()
