@@ -215,16 +215,14 @@ def measure_peak(data, name: str, lr: float, budget: int, out: Path) -> dict:
 
 def peak_of(name: str, lr: float, args) -> dict:
     """`measure_peak` in a process of its own (``--measure``), cached in ``<out>/memory.jsonl``."""
-    log = args.out / "memory.jsonl"
-    for row in (json.loads(line) for line in log.read_text().splitlines()) if log.is_file() else ():
-        if (row["method"], row["lr"], row["budget"]) == (name, lr, args.memory_budget):
-            return row
+    cached = _cached_peak(name, lr, args)
+    if cached is not None:
+        return cached
     command = [sys.executable, __file__, "--measure", name, repr(lr), "--memory-budget", str(args.memory_budget),
-               "--scale", args.scale,
-               "--out", str(args.out), *(["--threads", str(args.threads)] if args.threads else [])]
+               "--scale", args.scale, "--out", str(args.out), *(["--threads", str(args.threads)] if args.threads else [])]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # as bench_zo_step's "no-frag": the live tensors' peak
     row = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
-    with log.open("a") as file:
+    with (args.out / "memory.jsonl").open("a") as file:
         file.write(json.dumps(row) + "\n")
     print(f"{name:22s} lr={lr:<8g} peak {row['peak_mib']} MiB, {row['peak_mib'] - row['start_mib']:.1f} above its start",
           flush=True)

@@ -364,12 +364,12 @@ class ZOHiZOO(ZOOptimizer):
                 if self.hessian_smooth:
                     scale.mul_(self._mean_square_term(step, weights, p).mul_(self.hessian_smooth)
                                .add_(1.0 - self.hessian_smooth).rsqrt_().to(scale.dtype))
-                total, count = total + scale.float().sum().item(), count + scale.numel()
+                total, count = total + scale.sum(dtype=torch.float64), count + scale.numel()  # read once, below
                 g = self._materialise(step, coefficients, p).mul_(scale)
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(g.to(p.dtype), alpha=-group["lr"])
-        self.last_step = {**self.last_step, "zo_hizoo_scale": total / max(count, 1)}  # the mean of s: 1 at the start
+        self.last_step = {**self.last_step, "zo_hizoo_scale": float(total) / max(count, 1)}  # the mean of s: 1 at first
 
     def _mean_square_term(self, step: int, weights: list[float], p: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[k]·z_k² of one parameter, each z_k drawn into one temporary."""
