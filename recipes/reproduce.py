@@ -98,7 +98,8 @@ def _layerwise_schedule(steps: int, order: str) -> dict:
     schedule = [{"name": "embedding", "parameters": ["model.embed_tokens.*"], "steps": emb, "training_order": "fo"},
                 {"name": "layer{i}", "parameters": ["model.layers.{i}.*"], "repeat_over": "model.layers",
                  "steps": per_layer, "training_order": order, "reinit": True}]
-    return {"block_schedule": json.dumps(schedule, separators=(",", ":")), "max_steps": emb + 4 * per_layer}
+    return {"block_schedule": json.dumps(schedule, separators=(",", ":")), "max_steps": emb + 4 * per_layer,
+            "logging_steps": max(1, per_layer // 12)}  # a dozen training losses per layer: does it flatten?
 
 
 def _batch(batch: int) -> Callable[[int], dict]:
@@ -157,7 +158,7 @@ def _studies() -> dict[str, Study]:
             Run("layerwise_zo", "fig6_layerwise_zo", dict(loss="curve"), lambda s: _layerwise_schedule(s, "zo")),
             Run("full_fo", "table2_fo", dict(loss="curve"),
                 lambda s: {"max_steps": _layerwise_schedule(s, "fo")["max_steps"]}),
-        ], [claim_layerwise_zo_close], cpu_steps=900,
+        ], [claim_layerwise_zo_close], cpu_steps=1800,
             note="CPU scale: a block_schedule with `steps` (embedding FO for a third of the steps, then each of "
                  "llama-tiny's 4 layers re-initialised and trained for an equal share), same total for FO and ZO; "
                  "`full_fo` trains the whole model by FO-SGD for the same steps, as the paper's figure shows."),
@@ -355,6 +356,17 @@ def claim_q20_lower_ratio(res):
                                      "under which the sum of q estimates has ~q times the entry variance)")
 
 
+def _late_moves(result: dict) -> dict[str, float]:
+    """Per layer block of a layer-wise run: the mean training loss of its last quarter of logs minus that of the
+    quarter before (~0: the layer's loss has flattened)."""
+    moves = {}
+    for name, losses in result.get("block_losses", {}).items():
+        quarter = len(losses) // 4
+        if name.startswith("layer") and quarter:
+            moves[name] = statistics.fmean(losses[-quarter:]) - statistics.fmean(losses[-2 * quarter : -quarter])
+    return moves
+
+
 def claim_layerwise_zo_close(res):
     claim = "Layer-wise ZO approaches layer-wise FO"
     fo, zo = res["layerwise_fo"], res["layerwise_zo"]
@@ -364,6 +376,12 @@ def claim_layerwise_zo_close(res):
                 f"FO {dfo:.3f}, ZO {dzo:.3f}")
     if "full_fo" in res:
         evidence += f"; the whole model by FO in the same steps: eval loss {_fmt(res['full_fo'], 'eval_loss')}"
+    moves = {label: _late_moves(res[label][0]) for label in ("layerwise_fo", "layerwise_zo")}
+    if all(moves.values()):
+        evidence += ("; the training loss over the last quarter of each layer's steps against the quarter before "
+                     "(does each layer flatten?): " + "; ".join(
+                         f"{label.split('_')[1].upper()} " + ", ".join(f"{name} {move:+.3f}" for name, move in m.items())
+                         for label, m in moves.items()))
     if not _finite(dzo):
         return claim, FAILS, evidence + " (ZO diverged)"
     if not dfo > LEARN_MIN:
@@ -387,8 +405,7 @@ def cpu_overrides(study: Study, run: Run, steps: int | None, lr: float | None) -
              "save_strategy": "no", "learning_rate": lr}
     flags.update(run.cpu(n))
     total = flags["max_steps"]
-    flags.update(logging_steps=max(1, total // 10), eval_steps=max(1, total // 10))
-    return flags
+    return {"logging_steps": max(1, total // 10), "eval_steps": max(1, total // 10), **flags}
 
 
 def run_dir(scale: str, study: str, label: str, seed: int, lr: float | None = None) -> Path:
@@ -457,6 +474,10 @@ def read_results(path: Path) -> dict:
     out["path"] = path
     evals = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}  # the final evaluation repeats the last
     out["eval_curve"] = [{"step": step, "eval_loss": loss} for step, loss in evals.items()]
+    out["block_losses"] = {}  # block name -> its training losses, in order (block schedules)
+    for e in history:
+        if "loss" in e and "block_name" in e:
+            out["block_losses"].setdefault(e["block_name"], []).append(e["loss"])
     out["s_it"] = results["train_runtime"] / steps if steps else None
     out["steady_s_it"] = _steady_s_it(history)
     if probes:

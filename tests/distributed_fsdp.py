@@ -7,7 +7,8 @@ one copy with ``fully_shard`` (every decoder layer, then the root; after its est
 after ZOTrainer's), and runs the engine's documented loop (`ZOEstimator` + `ZOSGD`/`ZOAdam`) on both with the same
 batches: the global batch in every process, or data-parallel a batch of its own and the projected gradients averaged
 across the processes. Process 0 writes, per variant, the probe losses of both runs, a held-out loss after the last
-step and the largest weight difference at the end (the sharded weights gathered whole) to ``--out``. The variant
+step, the largest weight difference at the end (the sharded weights gathered whole) and the same for the optimizer's
+state (`sharding.gather_state`), reloaded into a new optimizer (`sharding.shard_state`), to ``--out``. The variant
 "bf16" shards alone, computing in bfloat16 from float32 shards (FSDP2's mixed precision), and records whether a
 probe left the weights bitwise as they were, the dtypes a module computed with and kept, and the losses of 20 steps.
 """
@@ -25,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_llama  # noqa: E402
 
-from zo_trainer.zo import ZOSGD, ZOAdam, ZOEstimator  # noqa: E402
+from zo_trainer.zo import ZOSGD, ZOAdam, ZOEstimator, sharding  # noqa: E402
 
 STEPS, BATCH, TOKENS = 3, 4, 16
 VOCAB = 251  # odd: the last process holds fewer rows
@@ -39,13 +40,17 @@ VARIANTS = {
 }
 
 
-def train(model, estimator, variant, rank, world):
-    _, optimizer_name, momentum, data_parallel = VARIANTS[variant]
+def make_optimizer(model, estimator, variant):
+    _, optimizer_name, momentum, _ = VARIANTS[variant]
     trainable = [p for p in model.parameters() if p.requires_grad]
     if optimizer_name == "adam":
-        optimizer = ZOAdam(trainable, estimator, lr=1e-3, weight_decay=0.1)
-    else:
-        optimizer = ZOSGD(trainable, estimator, lr=1e-2, weight_decay=0.1, momentum=momentum)
+        return ZOAdam(trainable, estimator, lr=1e-3, weight_decay=0.1)
+    return ZOSGD(trainable, estimator, lr=1e-2, weight_decay=0.1, momentum=momentum)
+
+
+def train(model, estimator, variant, rank, world):
+    data_parallel = VARIANTS[variant][3]
+    optimizer = make_optimizer(model, estimator, variant)
     losses = []
     for step in range(STEPS):
         batch = torch.randint(0, VOCAB, (BATCH * world, TOKENS), generator=torch.Generator().manual_seed(step))
@@ -58,7 +63,12 @@ def train(model, estimator, variant, rank, world):
         losses.append(probe.losses.tolist())
         optimizer.accumulate(probe)
         optimizer.step()
-    return losses
+    return losses, optimizer
+
+
+def state_tensors(state_dict: dict) -> list[torch.Tensor]:
+    return [value for _, buffers in sorted(state_dict["state"].items()) for _, value in sorted(buffers.items())
+            if torch.is_tensor(value)]
 
 
 def mixed_precision() -> dict:
@@ -96,8 +106,13 @@ def against_the_whole_model(variant: str, rank: int, world: int) -> dict:
     for layer in sharded.model.layers:
         fully_shard(layer)
     fully_shard(sharded)
-    whole_losses = train(whole, ZOEstimator(whole, num_queries=2, seed=3), variant, rank, world)
-    sharded_losses = train(sharded, estimator, variant, rank, world)
+    whole_losses, whole_optimizer = train(whole, ZOEstimator(whole, num_queries=2, seed=3), variant, rank, world)
+    sharded_losses, sharded_optimizer = train(sharded, estimator, variant, rank, world)
+    # the optimizer's state gathered whole is the whole model's; loaded into a new optimizer it is sharded again
+    gathered_state = sharding.gather_state(sharded_optimizer.state_dict())
+    reloaded = make_optimizer(sharded, estimator, variant)
+    reloaded.load_state_dict(copy.deepcopy(gathered_state))
+    sharding.shard_state(reloaded)
     held_out = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():  # a forward right after the last update: it must see the updated shards
         evaluated = [model(input_ids=held_out, labels=held_out).loss.item() for model in (whole, sharded)]
@@ -111,6 +126,14 @@ def against_the_whole_model(variant: str, rank: int, world: int) -> dict:
         "max_weight_difference": max((gathered[n] - p).abs().max().item() for n, p in whole.named_parameters()),
         "max_weight_change": max((before[n] - p).abs().max().item() for n, p in whole.named_parameters()),
         "sharded": [n for n, p in sharded.named_parameters() if type(p).__name__ == "DTensor"],
+        "state_buffers": len(state_tensors(gathered_state)),
+        "max_state_difference": max([(a - b).abs().max().item() for a, b in
+                                     zip(state_tensors(gathered_state), state_tensors(whole_optimizer.state_dict()),
+                                         strict=True)] or [0.0]),
+        "reloaded_state_equal": all(
+            sharding.is_sharded(a) and torch.equal(a.to_local(), b.to_local())
+            for a, b in zip(state_tensors(reloaded.state_dict()), state_tensors(sharded_optimizer.state_dict()),
+                            strict=True)),
     }
 
 

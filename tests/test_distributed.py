@@ -69,12 +69,15 @@ def runs(tmp_path_factory):
         "hizoo-one": launch(ONE_PROCESS, tmp / "hizoo-one", "--batch", "8", "--queries", "4", "--zo", *HIZOO_SPREAD),
         "hizoo-query": launch(TWO_PROCESSES, tmp / "hizoo-query", "--batch", "4", "--queries", "4", "--parallel",
                               "query", "--zo", *HIZOO_SPREAD),
-        "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config",
-                          "--save_steps", "2"),
-        "sharded-resumed": launch(TWO_PROCESSES, tmp / "sharded-resumed", "--batch", "4", "--queries", "4",
-                                  "--distributed_config", "--resume", str(tmp / "sharded" / "checkpoint-2")),
-        "sharded-resumed-whole": launch(ONE_PROCESS, tmp / "sharded-resumed-whole", "--batch", "8", "--queries", "4",
-                                        "--resume", str(tmp / "sharded" / "checkpoint-2")),
+        "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config"),
+        # a parameter-sized optimizer state (a momentum buffer, sharded as the weights), checkpointed and resumed
+        **{name: launch(processes, tmp / name, "--batch", batch, "--queries", "4", *flags, "--zo", "zo_momentum=0.9")
+           for name, processes, batch, flags in (
+               ("sharded-momentum", TWO_PROCESSES, "4", ("--distributed_config", "--save_steps", "2")),
+               ("sharded-momentum-resumed", TWO_PROCESSES, "4",
+                ("--distributed_config", "--resume", str(tmp / "sharded-momentum" / "checkpoint-2"))),
+               ("sharded-momentum-resumed-whole", ONE_PROCESS, "8",
+                ("--resume", str(tmp / "sharded-momentum" / "checkpoint-2"))))},
         # a first-order block (the embedding) then a ZO block, whole (DDP) and sharded (FSDP2's backward)
         **{name: launch(TWO_PROCESSES, tmp / name, "--batch", "4", "--queries", "2", "--steps", "4", *flags,
                         "--zo", BLOCKS, 'optim="sgd"')
@@ -149,20 +152,15 @@ def test_a_first_order_block_trains_a_sharded_model_through_fsdp2s_backward_as_d
 
 
 def test_a_sharded_run_resumes_exactly_sharded_and_whole_on_one_process(runs):
-    """Its checkpoint holds the weights whole: resumed on 2 processes, sharded again, the run ends bit for bit as
-    without the stop; resumed on 1 process, whole, on the same global batch, it ends as the 1-process run rounds."""
-    sharded = runs["sharded"]
+    """Its checkpoint holds the weights and the momentum buffer whole: resumed on 2 processes, sharded again, the run
+    ends bit for bit as without the stop; resumed on 1 process, whole, on the same global batch, it ends as the
+    1-process run rounds."""
+    sharded = runs["sharded-momentum"]
+    assert max_difference(sharded[0], runs["sharded"][0]) > 10 * ROUNDING  # the momentum moved the weights
     for rank in (0, 1):
-        assert max_difference(runs["sharded-resumed"][rank], sharded[rank]) == 0.0
-    (whole,) = runs["sharded-resumed-whole"]
+        assert max_difference(runs["sharded-momentum-resumed"][rank], sharded[rank]) == 0.0
+    (whole,) = runs["sharded-momentum-resumed-whole"]
     assert whole["world"] == 1 and max_difference(whole, sharded[0]) < ROUNDING
-
-
-def test_checkpoints_of_a_sharded_model_with_a_momentum_buffer_are_refused_before_training(tmp_path):
-    done = run_script(TWO_PROCESSES, tmp_path, "--distributed_config", "--save_steps", "2", "--zo", "zo_momentum=0.9")
-    assert done.returncode != 0
-    assert "the optimizer must keep no parameter-sized state: use zo_optimizer='sgd' with zo_momentum=0" in done.stderr
-    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_fp16_mixed_precision_trains_data_parallel(runs):
@@ -259,6 +257,10 @@ def test_an_fsdp2_sharded_model_trains_bitwise_as_the_whole_model(fsdp, variant)
     assert result["evaluated"][0] == result["evaluated"][1]  # a forward after the update sees the updated shards
     assert result["max_weight_difference"] == 0.0
     assert result["max_weight_change"] > 1e-3
+    # the optimizer's buffers, gathered whole, are the whole model's bit for bit, and reload as the same shards
+    buffers = {"momentum-buffer": 21, "zo-adam": 42}.get(variant, 0)  # one buffer (Adam: two) per parameter
+    assert result["state_buffers"] == buffers
+    assert result["max_state_difference"] == 0.0 and result["reloaded_state_equal"]
 
 
 def test_fsdp2_mixed_precision_computes_in_bfloat16_keeps_float32_shards_and_restores_them_exactly(fsdp):

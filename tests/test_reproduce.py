@@ -202,3 +202,14 @@ def test_reduced_and_probe_and_layerwise_claims():
     assert reproduce.claim_q20_lower_ratio(probes)[1] == reproduce.FAILS
     assert reproduce.claim_layerwise_zo_close({"layerwise_fo": fo, "layerwise_zo": close})[1] == reproduce.HOLDS
     assert reproduce.claim_layerwise_zo_close({"layerwise_fo": fo, "layerwise_zo": far})[1] == reproduce.FAILS
+
+
+def test_layerwise_evidence_says_whether_each_layer_flattened():
+    # 8 logs per layer: the last 2 against the 2 before; the embedding block (FO) is not a layer
+    falling = [6.0, 5.8, 5.6, 5.4, 5.2, 5.0, 4.8, 4.6]
+    flat = [6.0, 5.5, 5.2, 5.1, 5.0, 5.0, 5.0, 5.0]
+    fo = [_result(init=9.0, eval_loss=8.0, block_losses={"embedding": falling, "layer0": flat, "layer1": falling})]
+    zo = [_result(init=9.0, eval_loss=8.9, block_losses={"embedding": falling, "layer0": flat, "layer1": flat})]
+    assert reproduce._late_moves(fo[0]) == pytest.approx({"layer0": 0.0, "layer1": -0.4})
+    evidence = reproduce.claim_layerwise_zo_close({"layerwise_fo": fo, "layerwise_zo": zo})[2]
+    assert "FO layer0 +0.000, layer1 -0.400; ZO layer0 +0.000, layer1 +0.000" in evidence

@@ -32,12 +32,14 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, TrainOutput
 
 from .zo import sharding
@@ -232,19 +234,8 @@ def _remove_dir(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _refuse_sharded_optimizer_state(args) -> None:
-    """A checkpoint of a model sharded by FSDP2 holds the optimizer's state whole, written by process 0: only a ZO
-    optimizer without parameter-sized state (seeds and scalars) can be saved so."""
-    buffers = args.zo_write_grad or args.training_order != "zo" or args.zo_optimizer != "sgd" \
-        or (args.zo_momentum and not args.zo_momentum_history) or args.block_schedule
-    if buffers:
-        raise ValueError(
-            "checkpoints of a model sharded at load time (distributed_config) are written whole by process 0, so the "
-            "optimizer must keep no parameter-sized state: use zo_optimizer='sgd' with zo_momentum=0 or with "
-            "zo_momentum_history > 0 (momentum rebuilt from seeds), training_order='zo' and no block_schedule or "
-            f"zo_write_grad (got zo_optimizer={args.zo_optimizer!r}, zo_momentum={args.zo_momentum}, "
-            f"zo_momentum_history={args.zo_momentum_history}, training_order={args.training_order!r}, "
-            f"zo_write_grad={args.zo_write_grad}); or save_only_model=True, whose checkpoints cannot be resumed")
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(sharding.is_sharded(p) for p in model.parameters())
 
 
 def _first_non_finite(model: torch.nn.Module) -> tuple[str, int, int] | None:
@@ -309,11 +300,10 @@ class CheckpointSafety:
 
     def __init__(self, model=None, args=None, *positional, **kwargs):
         # transformers refuses checkpoints of a model sharded at load time (it cannot gather its optimizer's state);
-        # a ZO optimizer without parameter-sized state is saved whole, and the weights are loaded back row by row
+        # here the optimizer's state is gathered whole and the weights are loaded back row by row
         sharded = getattr(model, "is_distributed_loading_by_transformers", False) and not args.save_only_model \
             and args.save_strategy != SaveStrategy.NO
         if sharded:
-            _refuse_sharded_optimizer_state(args)
             args.save_only_model = True
         try:
             super().__init__(model, args, *positional, **kwargs)
@@ -440,7 +430,7 @@ class CheckpointSafety:
         """`Trainer._load_from_checkpoint`; a model sharded by FSDP2 takes its rows of the checkpoint's whole
         weights."""
         model = self.model if model is None else model
-        if not any(sharding.is_sharded(p) for p in model.parameters()):
+        if not _is_sharded(model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
@@ -457,9 +447,25 @@ class CheckpointSafety:
             else:
                 p.data.copy_(whole[name])
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """`Trainer._save_optimizer_and_scheduler`; for a model sharded by FSDP2 the buffers of the optimizer's state
+        are gathered whole (every process takes part) and written once, so the checkpoint resumes on any number of
+        processes."""
+        if not _is_sharded(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = sharding.gather_state(self.optimizer.state_dict())
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            with warnings.catch_warnings(record=True) as caught_warnings:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            reissue_pt_warnings(caught_warnings)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
-        """The checkpoint's scheduler holds the saved learning rate: an allowed new one replaces it."""
+        """The checkpoint's scheduler holds the saved learning rate: an allowed new one replaces it. A sharded
+        model's optimizer takes its rows of the saved whole buffers."""
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and _is_sharded(self.model):
+            sharding.shard_state(getattr(self.optimizer, "optimizer", self.optimizer))  # inside accelerate's wrapper
         if checkpoint is not None and self._new_learning_rate:
             self._set_base_learning_rate(self.args.learning_rate)
 

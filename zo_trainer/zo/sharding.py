@@ -79,3 +79,27 @@ def load_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
     """``p = whole`` for a sharded ``p`` and the whole tensor (a checkpoint's): this process keeps its rows."""
     local, first = local_rows(p)
     local.copy_(whole.reshape(-1)[first : first + local.numel()])
+
+
+def gather_state(state_dict: dict) -> dict:
+    """An optimizer's ``state_dict()`` with the buffers of sharded parameters gathered whole: what an unsharded run's
+    optimizer holds, so it loads on any number of processes (`shard_state`). Collective: every process calls it."""
+    state = {index: {key: value.full_tensor() if is_sharded(value) else value for key, value in buffers.items()}
+             for index, buffers in sorted(state_dict["state"].items())}
+    return {**state_dict, "state": state}
+
+
+@torch.no_grad()
+def shard_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` of a whole state (`gather_state`): each sharded parameter's buffers, which
+    torch loads whole, become this process's rows, sharded as the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    for p, buffers in optimizer.state.items():
+        if not is_sharded(p):
+            continue
+        local, first = local_rows(p)
+        for key, value in buffers.items():
+            if torch.is_tensor(value) and not is_sharded(value) and value.shape == p.shape:
+                rows = value.reshape(-1)[first : first + local.numel()].view_as(p.to_local()).clone()
+                buffers[key] = DTensor.from_local(rows, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
