@@ -338,6 +338,8 @@ def main():
                         help=f"fresh processes per memory kind and allocator, medians reported (default {MEMORY_RUNS})")
     parser.add_argument("--memory-kinds", default=",".join(MEM_KINDS),
                         help=f"comma-separated steps whose peak memory is measured, of {list(MEMORY_KINDS)}")
+    parser.add_argument("--memory-allocators", default=",".join(ALLOCATORS),
+                        help=f"comma-separated allocator settings the peak memory is measured under, of {list(ALLOCATORS)}")
     parser.add_argument("--memory-only", action="store_true", help="measure the peak memory only, no timing")
     parser.add_argument("--quick", action="store_true", help="small model only, 2 repeats: a smoke check")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -361,7 +363,12 @@ def main():
         parser.error(f"unknown memory kinds {sorted(set(memory_kinds) - set(MEMORY_KINDS))}; choose from {list(MEMORY_KINDS)}")
     if not args.memory_only and set(MEM_KINDS) - set(memory_kinds):
         parser.error(f"the timed report compares {list(MEM_KINDS)}: give them all in --memory-kinds, or --memory-only")
-    memory = {n: {a: memory_in_subprocesses(n, a, args.memory_runs, memory_kinds) for a in ALLOCATORS} for n in names}
+    allocators = args.memory_allocators.split(",")
+    if set(allocators) - set(ALLOCATORS):
+        parser.error(f"unknown memory allocators {sorted(set(allocators) - set(ALLOCATORS))}; choose from {list(ALLOCATORS)}")
+    if not args.memory_only and allocators != list(ALLOCATORS):
+        parser.error(f"the timed report compares {list(ALLOCATORS)}: give them all in --memory-allocators, or --memory-only")
+    memory = {n: {a: memory_in_subprocesses(n, a, args.memory_runs, memory_kinds) for a in allocators} for n in names}
     env = {"device": str(DEVICE), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if args.memory_only:

@@ -313,9 +313,21 @@ def _ordered(res, labels, key, increasing=True):
     return INCONCLUSIVE, text + f" (not strictly ordered beyond the seed spread {spread:.4f})"
 
 
+def _loss_ordered(res, labels):
+    """`_ordered` on the final held-out loss, inconclusive where no run moved its loss by `LEARN_MIN`: an order of
+    differences that small says nothing about the settings."""
+    verdict, text = _ordered(res, labels, "eval_loss")
+    moved = max(_decrease(res[k]) for k in labels)
+    if _finite(moved) and moved < LEARN_MIN:
+        verdict = INCONCLUSIVE
+        text += (f"; no run moved the held-out loss by more than {moved:.4f} nat from its start (at the next rate of "
+                 f"the sweep it rose), below the {LEARN_MIN} nat this scale takes as learning")
+    return verdict, text
+
+
 def claim_small_batch_lower_loss(res):
     claim = "Smaller batch gives lower ZO loss: batch 2 < 4 < 8 (paper 9.953 / 9.958 / 9.981)"
-    verdict, text = _ordered(res, ["bs2", "bs4", "bs8"], "eval_loss")
+    verdict, text = _loss_ordered(res, ["bs2", "bs4", "bs8"])
     return claim, verdict, "eval loss " + text
 
 
@@ -333,7 +345,7 @@ def claim_alpha_lower_var(res):
 
 def claim_alpha_higher_loss(res):
     claim = "alpha from 0 towards -1 raises the final loss (paper 7.981 / 8.000 / 8.016)"
-    verdict, text = _ordered(res, ["alpha_0", "alpha_-0.5", "alpha_-0.9"], "eval_loss")
+    verdict, text = _loss_ordered(res, ["alpha_0", "alpha_-0.5", "alpha_-0.9"])
     return claim, verdict, "eval loss " + text
 
 
@@ -509,7 +521,7 @@ def memory_at_20m(steps: int | None, log) -> dict:
     model, runs = ("small", 1) if steps else ("20m", 3)
     path = RUNS / "cpu" / "table2" / f"memory_{model}.json"
     cmd = ["python", "benchmarks/bench_zo_step.py", "--models", model, "--memory-only", "--memory-kinds",
-           "inference,zo,zo_q20,fo_sgd", "--memory-runs", str(runs)]
+           "inference,zo,zo_q20,fo_sgd", "--memory-runs", str(runs), "--memory-allocators", "glibc"]
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"  $ {shlex.join(cmd)}")

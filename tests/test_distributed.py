@@ -34,10 +34,17 @@ def run_script(processes, out, *flags):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def launch(processes, out, *flags):
-    done = run_script(processes, out, *flags)
-    assert done.returncode == 0, done.stderr[-3000:]
+def ranks(out) -> list[dict]:
     return [torch.load(path) for path in sorted(Path(out).glob("rank*.pt"))]
+
+
+def launch(processes, out, *flags, variants: dict[str, list[str]] | None = None) -> dict[str, list[dict]]:
+    """One launch: {out's name: each rank's result}, and the same for each variant (``--variant``: trained after it in
+    the same processes, ZOConfig fields on top of ``flags``'), by its name."""
+    variant_flags = [arg for name, fields in (variants or {}).items() for arg in ("--variant", name, *fields)]
+    done = run_script(processes, out, *flags, *variant_flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {Path(out).name: ranks(out), **{name: ranks(Path(out) / name) for name in variants or {}}}
 
 
 def launch_machines(out, *flags):
@@ -48,46 +55,46 @@ def launch_machines(out, *flags):
     for machine in machines:
         _, stderr = machine.communicate(timeout=300)
         assert machine.returncode == 0, stderr[-3000:]
-    return [torch.load(path) for path in sorted(Path(out).glob("rank*.pt"))]
+    return ranks(out)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
+    block = ["--zo", 'trainable_parameters=["model.layers.1.mlp.*"]']
     return {
-        "one": launch(ONE_PROCESS, tmp / "one", "--batch", "8", "--queries", "4"),
-        "data": launch(TWO_PROCESSES, tmp / "data", "--batch", "4", "--queries", "4", "--save_steps", "2"),
+        # the references, and ZO optimizers with state: momentum rebuilt from seeds with a step rule that reduces
+        # curvatures too, and a preconditioner with a parameter-sized buffer with one that reads the perturbed losses
+        **launch(ONE_PROCESS, tmp / "one", "--batch", "8", "--queries", "4",
+                 variants={"newton-one": NEWTON, "hizoo-one": HIZOO_SPREAD}),
+        **launch(TWO_PROCESSES, tmp / "data", "--batch", "4", "--queries", "4", "--save_steps", "2",
+                 variants={"newton-data": NEWTON}),
         # as a user's script: no use_cpu, and the launcher exports no ACCELERATE_USE_CPU; ZOConfig sets up the group
-        "query": launch(TWO_PROCESSES, tmp / "query", "--batch", "4", "--queries", "4", "--parallel", "query",
-                        "--no_use_cpu"),
-        "fp16": launch(TWO_PROCESSES, tmp / "fp16", "--batch", "4", "--queries", "4", "--mixed_precision", "fp16"),
-        "resumed": launch(ONE_PROCESS, tmp / "resumed", "--batch", "8", "--queries", "4",
-                          "--resume", str(tmp / "data" / "checkpoint-2")),
-        # a ZO optimizer with state (momentum rebuilt from seeds) and a step rule that reduces curvatures too
-        "newton-one": launch(ONE_PROCESS, tmp / "newton-one", "--batch", "8", "--queries", "4", "--zo", *NEWTON),
-        "newton-data": launch(TWO_PROCESSES, tmp / "newton-data", "--batch", "4", "--queries", "4", "--zo", *NEWTON),
-        "hizoo-one": launch(ONE_PROCESS, tmp / "hizoo-one", "--batch", "8", "--queries", "4", "--zo", *HIZOO_SPREAD),
-        "hizoo-query": launch(TWO_PROCESSES, tmp / "hizoo-query", "--batch", "4", "--queries", "4", "--parallel",
-                              "query", "--zo", *HIZOO_SPREAD),
-        "sharded": launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config"),
-        # a parameter-sized optimizer state (a momentum buffer, sharded as the weights), checkpointed and resumed
-        **{name: launch(processes, tmp / name, "--batch", batch, "--queries", "4", *flags, "--zo", "zo_momentum=0.9")
-           for name, processes, batch, flags in (
-               ("sharded-momentum", TWO_PROCESSES, "4", ("--distributed_config", "--save_steps", "2")),
-               ("sharded-momentum-resumed", TWO_PROCESSES, "4",
-                ("--distributed_config", "--resume", str(tmp / "sharded-momentum" / "checkpoint-2"))),
-               ("sharded-momentum-resumed-whole", ONE_PROCESS, "8",
-                ("--resume", str(tmp / "sharded-momentum" / "checkpoint-2"))))},
+        **launch(TWO_PROCESSES, tmp / "query", "--batch", "4", "--queries", "4", "--parallel", "query", "--no_use_cpu",
+                 variants={"hizoo-query": HIZOO_SPREAD}),
+        **launch(TWO_PROCESSES, tmp / "fp16", "--batch", "4", "--queries", "4", "--mixed_precision", "fp16"),
+        **launch(ONE_PROCESS, tmp / "resumed", "--batch", "8", "--queries", "4",
+                 "--resume", str(tmp / "data" / "checkpoint-2")),
+        # sharded at load time; with a parameter-sized optimizer state (a momentum buffer, sharded as the weights),
+        # checkpointed and resumed on 2 processes and on 1
+        **launch(TWO_PROCESSES, tmp / "sharded", "--batch", "4", "--queries", "4", "--distributed_config",
+                 "--save_steps", "2", variants={"sharded-momentum": ["zo_momentum=0.9"]}),
+        **launch(TWO_PROCESSES, tmp / "sharded-momentum-resumed", "--batch", "4", "--queries", "4",
+                 "--distributed_config", "--zo", "zo_momentum=0.9",
+                 "--resume", str(tmp / "sharded" / "sharded-momentum" / "checkpoint-2")),
+        **launch(ONE_PROCESS, tmp / "sharded-momentum-resumed-whole", "--batch", "8", "--queries", "4",
+                 "--zo", "zo_momentum=0.9", "--resume", str(tmp / "sharded" / "sharded-momentum" / "checkpoint-2")),
         # a first-order block (the embedding) then a ZO block, whole (DDP) and sharded (FSDP2's backward)
-        **{name: launch(TWO_PROCESSES, tmp / name, "--batch", "4", "--queries", "2", "--steps", "4", *flags,
-                        "--zo", BLOCKS, 'optim="sgd"')
-           for name, flags in (("fo-then-zo", ()), ("fo-then-zo-sharded", ("--distributed_config",)))},
+        **launch(TWO_PROCESSES, tmp / "fo-then-zo", "--batch", "4", "--queries", "2", "--steps", "4",
+                 "--zo", BLOCKS, 'optim="sgd"'),
+        **launch(TWO_PROCESSES, tmp / "fo-then-zo-sharded", "--batch", "4", "--queries", "2", "--steps", "4",
+                 "--distributed_config", "--zo", BLOCKS, 'optim="sgd"'),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
-        **{f"{mode}-block{suffix}": launch(TWO_PROCESSES, tmp / f"{mode}-block{suffix}", "--batch", "4", "--queries",
-                                           "4", "--parallel", mode, "--zo", 'trainable_parameters=["model.layers.1.mlp.*"]',
-                                           f"zo_reuse_prefix={reuse}")
-           for mode in ("data", "query") for suffix, reuse in (("", "true"), ("-no-reuse", "false"))},
+        **launch(TWO_PROCESSES, tmp / "data-block", "--batch", "4", "--queries", "4", *block,
+                 variants={"data-block-no-reuse": ["zo_reuse_prefix=false"]}),
+        **launch(TWO_PROCESSES, tmp / "query-block", "--batch", "4", "--queries", "4", "--parallel", "query", *block,
+                 variants={"query-block-no-reuse": ["zo_reuse_prefix=false"]}),
     }
 
 

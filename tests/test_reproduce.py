@@ -185,6 +185,12 @@ def test_ordered_claims_use_the_seed_spread():
               "alpha_-0.9": seeds(8.1, 8.1, var=2)}
     assert reproduce.claim_alpha_higher_loss(alphas)[1] == reproduce.HOLDS
     assert reproduce.claim_alpha_lower_var(alphas)[1] == reproduce.HOLDS
+    # reversed beyond the spread, but no run learned (start 4.3449): the order of 1e-4 nat says nothing
+    unmoved = {"alpha_0": [_result(init=4.3449, eval_loss=4.3445)] * 2,
+               "alpha_-0.5": [_result(init=4.3449, eval_loss=4.3444)] * 2,
+               "alpha_-0.9": [_result(init=4.3449, eval_loss=4.3442)] * 2}
+    verdict, evidence = reproduce.claim_alpha_higher_loss(unmoved)[1:]
+    assert verdict == reproduce.INCONCLUSIVE and "no run moved the held-out loss by more than 0.0007 nat" in evidence
 
 
 def test_reduced_and_probe_and_layerwise_claims():
