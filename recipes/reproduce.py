@@ -293,7 +293,8 @@ def claim_reduced_q20_closer(res):
         return claim, HOLDS, evidence
     if m20 > m1 + max(s1, 0.005):
         return claim, FAILS, evidence + " (q=20 higher than q=1)"
-    return claim, INCONCLUSIVE, evidence + " (within the q=1 seed spread)"
+    return claim, INCONCLUSIVE, evidence + (f" (q=20 - q=1 = {m20 - m1:+.4f} nat, within {max(s1, 0.005):.3f}: the q=1 "
+                                            "seeds' spread, or 0.005 nat at least)")
 
 
 def _ordered(res, labels, key, increasing=True):

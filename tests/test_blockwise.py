@@ -148,18 +148,20 @@ def test_reinit_at_block_start_only(tmp_path):
     assert changed == names_matching(model, LAYER1_MLP)
 
 
-def test_resume_in_mid_block_matches_a_straight_run(tmp_path):
+@pytest.mark.parametrize("step, block", [(1, "embedding"), (3, "layer0")])
+def test_resume_in_mid_block_matches_a_straight_run(tmp_path, step, block):
+    """SGD with momentum: a block resumed in its middle keeps the optimizer state the checkpoint restored."""
+    momentum = dict(max_steps=100, block_schedule=SCHEDULE, optim_args="momentum=0.9")
     straight = tiny_llama()
-    ZOTrainer(model=straight, args=config(tmp_path / "a", max_steps=100, block_schedule=SCHEDULE),
-              train_dataset=random_token_dataset()).train()
-    args = config(tmp_path / "b", max_steps=100, block_schedule=SCHEDULE, save_strategy="steps", save_steps=3)
+    ZOTrainer(model=straight, args=config(tmp_path / "a", **momentum), train_dataset=random_token_dataset()).train()
+    args = config(tmp_path / "b", **momentum, save_strategy="steps", save_steps=1)
     ZOTrainer(model=tiny_llama(), args=args, train_dataset=random_token_dataset()).train()
     resumed = tiny_llama(seed=9)
     trainer = ZOTrainer(model=resumed, args=args, train_dataset=random_token_dataset())
-    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-3"))  # inside block layer0
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / f"checkpoint-{step}"))  # inside the block
     for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
-    assert [e["block_name"] for e in trainer.state.log_history if "loss" in e][-3:] == ["layer0", "layer1", "layer1"]
+    assert next(e["block_name"] for e in trainer.state.log_history if "loss" in e and e["step"] > step) == block
 
 
 def test_repeat_over_expands_one_block_per_layer():

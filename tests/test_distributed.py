@@ -26,6 +26,8 @@ BLOCKS = ('block_schedule=[{"name": "embedding", "parameters": ["model.embed_tok
           '"training_order": "fo", "learning_rate": 0.1}, {"name": "layers", "parameters": ["model.layers.*"], '
           '"steps": 2, "training_order": "zo"}]')
 
+FO_SGD_MOMENTUM = ['optim="sgd"', 'optim_args="momentum=0.9"']
+
 pytestmark = pytest.mark.slow
 
 
@@ -84,11 +86,15 @@ def runs(tmp_path_factory):
                  "--resume", str(tmp / "sharded" / "sharded-momentum" / "checkpoint-2")),
         **launch(ONE_PROCESS, tmp / "sharded-momentum-resumed-whole", "--batch", "8", "--queries", "4",
                  "--zo", "zo_momentum=0.9", "--resume", str(tmp / "sharded" / "sharded-momentum" / "checkpoint-2")),
-        # a first-order block (the embedding) then a ZO block, whole (DDP) and sharded (FSDP2's backward)
+        # a first-order block (the embedding, SGD with momentum) then a ZO block, whole (DDP) and sharded (FSDP2's
+        # backward); the sharded run resumed in the FO block, where its optimizer's momentum is sharded state
         **launch(TWO_PROCESSES, tmp / "fo-then-zo", "--batch", "4", "--queries", "2", "--steps", "4",
-                 "--zo", BLOCKS, 'optim="sgd"'),
+                 "--zo", BLOCKS, *FO_SGD_MOMENTUM),
         **launch(TWO_PROCESSES, tmp / "fo-then-zo-sharded", "--batch", "4", "--queries", "2", "--steps", "4",
-                 "--distributed_config", "--zo", BLOCKS, 'optim="sgd"'),
+                 "--distributed_config", "--save_steps", "1", "--zo", BLOCKS, *FO_SGD_MOMENTUM),
+        **launch(TWO_PROCESSES, tmp / "fo-then-zo-sharded-resumed", "--batch", "4", "--queries", "2", "--steps", "4",
+                 "--distributed_config", "--zo", BLOCKS, *FO_SGD_MOMENTUM,
+                 "--resume", str(tmp / "fo-then-zo-sharded" / "checkpoint-1")),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
         **launch(TWO_PROCESSES, tmp / "data-block", "--batch", "4", "--queries", "4", *block,
@@ -156,6 +162,14 @@ def test_a_first_order_block_trains_a_sharded_model_through_fsdp2s_backward_as_d
         moved = {n for n, p in whole["init"].items() if not torch.equal(p, whole["params"][n])}
         assert any("embed" in n for n in moved) and any("layers" in n for n in moved)  # both blocks trained
         assert [e["block_name"] for e in sharded["log"] if "loss" in e] == ["embedding"] * 2 + ["layers"] * 2
+
+
+def test_a_sharded_run_resumes_in_a_first_order_block_bit_for_bit(runs):
+    """The FO block's momentum, sharded as the weights, is gathered into the checkpoint and sharded again."""
+    for rank in (0, 1):
+        resumed, straight = runs["fo-then-zo-sharded-resumed"][rank], runs["fo-then-zo-sharded"][rank]
+        assert max_difference(resumed, straight) == 0.0
+        assert [e["loss"] for e in resumed["log"] if "loss" in e] == [e["loss"] for e in straight["log"] if "loss" in e]
 
 
 def test_a_sharded_run_resumes_exactly_sharded_and_whole_on_one_process(runs):

@@ -194,7 +194,7 @@ class BlockFreezeCallback(_BlockCallback):
     def begin(self, index, block, at_start, model, args):
         names = self.schedule.names[block.name]
         set_trainable(self.trainer.model, names)
-        self.trainer.enter_block(index, block, names)
+        self.trainer.enter_block(index, block, names, at_start)
 
 
 class BlockReinitCallback(_BlockCallback):

@@ -346,13 +346,14 @@ class ZOTrainer(CheckpointSafety, Trainer):
         return super()._get_grad_norm(model, grad_norm)
 
     # ------------------------------------------------------------------------------------- blockwise
-    def enter_block(self, index: int, block, names: list[str]) -> None:
-        """Switch FO/ZO, q and learning rate for a block whose parameters were just unfrozen."""
+    def enter_block(self, index: int, block, names: list[str], at_start: bool) -> None:
+        """Switch FO/ZO, q and learning rate for a block whose parameters were just unfrozen; ``at_start``: its first
+        step (not a resume in its middle, whose optimizer state the checkpoint restored)."""
         self.active_block = (index, block.name)
         self.training_order = block.training_order or self.args.training_order
         self.zo_estimator.num_queries = block.zo_num_queries or self.args.zo_num_queries
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        for name in names:  # an FO block starts with fresh optimizer state (ZO-SGD keeps none)
+        for name in names if at_start else ():  # a block starts with fresh optimizer state (ZO-SGD keeps none)
             optimizer.state.pop(self.model.get_parameter(name), None)
         if any(b.learning_rate is not None for b in self.block_schedule.blocks):  # the others take the run's
             self._set_base_learning_rate(self.args.learning_rate if block.learning_rate is None else block.learning_rate)
