@@ -219,3 +219,15 @@ def test_layerwise_evidence_says_whether_each_layer_flattened():
     assert reproduce._late_moves(fo[0]) == pytest.approx({"layer0": 0.0, "layer1": -0.4})
     evidence = reproduce.claim_layerwise_zo_close({"layerwise_fo": fo, "layerwise_zo": zo})[2]
     assert "FO layer0 +0.000, layer1 -0.400; ZO layer0 +0.000, layer1 +0.000" in evidence
+
+
+def test_steady_rate_skips_the_warm_up_and_every_interval_next_to_an_evaluation():
+    # logs every 5 steps, an evaluation at step 20 (it runs after step 20's log: it may fall on either side)
+    walls = {5: 10.0, 10: 20.0, 15: 25.0, 20: 26.0, 25: 27.0, 30: 31.0, 35: 37.0}
+    history = [dict(step=s, loss=1.0, wall_time=w) for s, w in walls.items()] + [dict(step=20, eval_loss=1.0)]
+    # (5,10] warm-up 2.0 s/step; (10,15] 1.0; (15,20] and (20,25] 0.2, but next to the evaluation; (25,30] 0.8
+    assert reproduce._steady_s_it(history) == pytest.approx(0.8)
+    assert reproduce._steady_s_it(history[:2]) is None
+    cmd = reproduce.command(reproduce.STUDIES["table2"], reproduce.STUDIES["table2"].runs[1], "cpu", 0, None, None, 1e-3)
+    flags = dict(zip(cmd[2::2], cmd[3::2]))
+    assert int(flags["--eval_steps"]) == 4 * int(flags["--logging_steps"])  # three evaluation-free intervals per eval
