@@ -49,6 +49,23 @@ def fp16_autocast_as_on_gpus(model):
     return model
 
 
+def fsdp_plugin_as_on_gpus():
+    """What accelerate does on GPUs with an FSDP plugin (distributed type FSDP, the plugin on its state); on CPU
+    processes it ignores the plugin. Everything after, accelerate's FSDP2 preparation and Trainer's FSDP paths, runs
+    unchanged (gloo)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_as_on_gpus(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init_as_on_gpus
+
+
 def random_token_dataset(n=64, length=32, vocab_size=256, seed=0):
     from datasets import Dataset
 

@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import fp16_autocast_as_on_gpus, random_token_dataset, tiny_llama  # noqa: E402
+from conftest import fp16_autocast_as_on_gpus, fsdp_plugin_as_on_gpus, random_token_dataset, tiny_llama  # noqa: E402
 
 from zo_trainer import ZOConfig, ZOTrainer  # noqa: E402
 
@@ -28,7 +28,9 @@ parser.add_argument("--save_steps", type=int, default=0)
 parser.add_argument("--resume", default=None)
 parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
 parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset, as a user's script would")
-parser.add_argument("--fsdp", action="store_true", help="ask for FSDP sharding (ZO must refuse it)")
+parser.add_argument("--fsdp_version", type=int, default=None, help="ask for accelerate's FSDP plugin of this version")
+parser.add_argument("--fsdp_as_on_gpus", action="store_true",
+                    help="enable the FSDP plugin on these CPU processes as accelerate does on GPUs")
 parser.add_argument("--distributed_config", action="store_true",
                     help="load the model sharded by FSDP2 over the processes (from_pretrained(distributed_config=...))")
 parser.add_argument("--own_compute_loss", action="store_true", help="a Trainer subclass with its own compute_loss")
@@ -36,6 +38,8 @@ parser.add_argument("--zo", nargs="*", default=[], metavar="FIELD=JSON", help="m
 parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME [FIELD=JSON ...]",
                     help="also train with these fields on top of --zo, into <out>/NAME (repeatable)")
 cli = parser.parse_args()
+if cli.fsdp_as_on_gpus:
+    fsdp_plugin_as_on_gpus()
 
 
 def fields(settings: list[str]) -> dict:
@@ -60,7 +64,9 @@ def train(out: str, extra: dict, resume: str | None):
         zo_num_queries=cli.queries, zo_parallel=cli.parallel, save_strategy="steps" if cli.save_steps else "no",
         save_steps=cli.save_steps or 500, dataloader_drop_last=True, fp16=cli.mixed_precision == "fp16",
         bf16=cli.mixed_precision == "bf16",
-        **({"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}} if cli.fsdp else {}),
+        **({"fsdp": "full_shard", "fsdp_config": {"version": cli.fsdp_version,
+                                                  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+           if cli.fsdp_version else {}),
     )
     args = ZOConfig(**{**settings, **fields(cli.zo), **extra})
     model = tiny_llama()
@@ -82,7 +88,7 @@ def train(out: str, extra: dict, resume: str | None):
     trainer.train(resume_from_checkpoint=resume)
     rank = trainer.accelerator.process_index
     state = {n: whole(p) for n, p in trainer.model.named_parameters()}
-    if cli.distributed_config:
+    if cli.distributed_config or cli.fsdp_as_on_gpus:
         trainer.save_model(os.path.join(out, "export"))
     torch.save({"params": state, "init": init, "world": trainer.accelerator.num_processes, "log": trainer.state.log_history},
                os.path.join(out, f"rank{rank}.pt"))

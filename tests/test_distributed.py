@@ -27,6 +27,8 @@ BLOCKS = ('block_schedule=[{"name": "embedding", "parameters": ["model.embed_tok
           '"steps": 2, "training_order": "zo"}]')
 
 FO_SGD_MOMENTUM = ['optim="sgd"', 'optim_args="momentum=0.9"']
+# accelerate's FSDP plugin, version 2 (TrainingArguments.fsdp / fsdp_config), enabled on these CPU processes as on GPUs
+FSDP2_PLUGIN = ["--fsdp_version", "2", "--fsdp_as_on_gpus"]
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,12 @@ def runs(tmp_path_factory):
         **launch(TWO_PROCESSES, tmp / "fo-then-zo-sharded-resumed", "--batch", "4", "--queries", "2", "--steps", "4",
                  "--distributed_config", "--zo", BLOCKS, *FO_SGD_MOMENTUM,
                  "--resume", str(tmp / "fo-then-zo-sharded" / "checkpoint-1")),
+        # sharded by accelerate's FSDP2 plugin; with momentum, checkpointed and resumed; an FO block then a ZO block
+        **launch(TWO_PROCESSES, tmp / "plugin", "--batch", "4", "--queries", "4", *FSDP2_PLUGIN, "--save_steps", "2",
+                 variants={"plugin-momentum": ["zo_momentum=0.9"],
+                           "plugin-blocks": [BLOCKS, *FO_SGD_MOMENTUM, "zo_num_queries=2", "max_steps=4"]}),
+        **launch(TWO_PROCESSES, tmp / "plugin-momentum-resumed", "--batch", "4", "--queries", "4", *FSDP2_PLUGIN,
+                 "--zo", "zo_momentum=0.9", "--resume", str(tmp / "plugin" / "plugin-momentum" / "checkpoint-2")),
         "machines": launch_machines(tmp / "machines", "--batch", "4", "--queries", "4"),
         # the last MLP trains: each process computes the layers below it once per batch (prefix reuse), or not
         **launch(TWO_PROCESSES, tmp / "data-block", "--batch", "4", "--queries", "4", *block,
@@ -247,11 +255,40 @@ def test_uneven_query_splits_are_refused_for_a_compute_loss_of_its_own(tmp_path)
     assert "use a zo_num_queries divisible by the number of processes" in done.stderr
 
 
-def test_fsdp_is_refused_with_a_clear_error(tmp_path):
-    done = run_script(TWO_PROCESSES, tmp_path, "--fsdp")
+def test_accelerates_fsdp2_plugin_trains_zo_bitwise_as_the_whole_model(runs, tmp_path_factory):
+    """`fsdp="full_shard", fsdp_config={"version": 2}`: accelerate's preparation shards the model, ZO trains its shards
+    with the same losses and, gathered, the same weights as the whole model's data-parallel run; the saved model is
+    whole and loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    for rank in (0, 1):
+        assert max_difference(runs["plugin"][rank], runs["data"][rank]) == 0.0
+        assert [e["loss"] for e in runs["plugin"][rank]["log"] if "loss" in e] == \
+            [e["loss"] for e in runs["data"][rank]["log"] if "loss" in e]
+    export = next(Path(p) for p in tmp_path_factory.getbasetemp().glob("dist*/plugin/export"))
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    assert all(torch.equal(p, runs["plugin"][0]["params"][n]) for n, p in loaded.named_parameters())
+
+
+def test_accelerates_fsdp2_plugin_resumes_bit_for_bit_and_trains_first_order_blocks(runs):
+    """The plugin's run checkpoints the weights and the momentum whole and resumes them sharded, exactly; an FO block
+    under the plugin trains through FSDP2's backward as DDP does, to float rounding."""
+    momentum = runs["plugin-momentum"]
+    assert max_difference(momentum[0], runs["plugin"][0]) > 10 * ROUNDING  # the momentum moved the weights
+    for rank in (0, 1):
+        resumed = runs["plugin-momentum-resumed"][rank]
+        assert max_difference(resumed, momentum[rank]) == 0.0
+        assert [e["loss"] for e in resumed["log"] if "loss" in e] == [e["loss"] for e in momentum[rank]["log"] if "loss" in e]
+        blocks, whole = runs["plugin-blocks"][rank], runs["fo-then-zo"][rank]
+        assert max_difference(blocks, whole) < 1e-6
+        assert [e["block_name"] for e in blocks["log"] if "loss" in e] == ["embedding"] * 2 + ["layers"] * 2
+
+
+def test_fsdp_on_cpu_processes_is_refused_with_a_clear_error(tmp_path):
+    """Accelerate ignores its FSDP plugin on CPU: ZO refuses rather than train the whole model on every process."""
+    done = run_script(TWO_PROCESSES, tmp_path, "--fsdp_version", "2")
     assert done.returncode != 0
-    assert "ZO training does not take accelerate's FSDP or DeepSpeed plugins" in done.stderr
-    assert "distributed_config=DistributedConfig(fsdp_size=N)" in done.stderr
+    assert "accelerate enables its FSDP plugin on GPUs and other accelerators only" in done.stderr and "distributed_config=DistributedConfig(fsdp_size=N)" in done.stderr
 
 
 FSDP_SCRIPT = ROOT / "tests" / "distributed_fsdp.py"

@@ -463,11 +463,24 @@ class CheckpointSafety:
     def _load_optimizer_and_scheduler(self, checkpoint):
         """The checkpoint's scheduler holds the saved learning rate: an allowed new one replaces it. A sharded
         model's optimizer takes its rows of the saved whole buffers."""
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and _is_sharded(self.model):
-            sharding.shard_state(getattr(self.optimizer, "optimizer", self.optimizer))  # inside accelerate's wrapper
+            self._load_whole_optimizer_and_scheduler(checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._new_learning_rate:
             self._set_base_learning_rate(self.args.learning_rate)
+
+    def _load_whole_optimizer_and_scheduler(self, checkpoint: str) -> None:
+        """What `_save_optimizer_and_scheduler` wrote for a sharded model (whole buffers), whether accelerate's FSDP2
+        plugin or transformers' distributed loading sharded it: each process keeps its rows."""
+        optimizer_file, scheduler_file = (os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME))
+        if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
+            return  # as Trainer: a checkpoint saved with save_only_model holds neither
+        self.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
+        sharding.shard_state(getattr(self.optimizer, "optimizer", self.optimizer))  # inside accelerate's wrapper
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+        reissue_pt_warnings(caught_warnings)
 
     def _had_finished(self, record: dict) -> bool:
         """Whether the checkpoint ends the run: it was the last and no allowed change asks for more steps."""
@@ -525,16 +538,26 @@ class CheckpointSafety:
         self._refuse_non_finite(f"the model to {target}")
         final = not _internal_call and os.path.abspath(target) == os.path.abspath(self.args.output_dir)
         if not final:
-            return super().save_model(output_dir, _internal_call)
+            return self._save_weights(output_dir, _internal_call)
         if self.args.should_save:
             with contextlib.suppress(FileNotFoundError):  # until the new files are all written, no finished run
                 os.remove(os.path.join(target, RECORD_NAME))
             before = _top_level_files(target)
-        super().save_model(output_dir, _internal_call)
+        self._save_weights(output_dir, _internal_call)
         if self.args.should_save:
             written = [name for name, stat in _top_level_files(target).items() if before.get(name) != stat]
             _write_record(target, written, kind="final model", global_step=self.state.global_step,
                           settings=self._resume_settings())
+
+    def _save_weights(self, output_dir: str | None, _internal_call: bool) -> None:
+        """`Trainer.save_model`; a model that accelerate's FSDP2 plugin sharded is gathered whole (every process takes
+        part) and written once, whatever the plugin's `state_dict_type`: the `model.safetensors` that
+        `from_pretrained` loads and that resumes on any number of processes."""
+        if not (self.is_fsdp_enabled and _is_sharded(self.model)):
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir, state_dict=sharding.gather_weights(self.model))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_checkpoint(self, model, trial) -> None:
         """`Trainer._save_checkpoint` into ``tmp-checkpoint-N``, renamed ``checkpoint-N`` once its record is

@@ -99,15 +99,8 @@ class ZOTrainer(CheckpointSafety, Trainer):
                     save_histograms=self.args.gradient_probe_histograms,
                 )
             )
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled or bool(self.args.fsdp) or bool(self.args.deepspeed)
-        if sharded and "zo" in orders:
-            raise ValueError(
-                "ZO training does not take accelerate's FSDP or DeepSpeed plugins (`fsdp`, `deepspeed`): to shard the "
-                "model, load it sharded by FSDP2, `from_pretrained(..., distributed_config=DistributedConfig("
-                "fsdp_size=N))` (transformers.distributed), and launch without the plugin; or train it whole on "
-                "every process, data-parallel (accelerate_configs/multi_gpu_fp16.yaml): a ZO step runs at inference "
-                "memory. FO-only runs (training_order='fo') may use the plugins."
-            )
+        if "zo" in orders:
+            self._check_sharding_plugins()
         if self.args.torch_compile and "zo" in orders:
             raise ValueError(
                 "torch_compile=True: a compiled graph does not see the perturbed copies that the ZO probes swap into "
@@ -131,6 +124,29 @@ class ZOTrainer(CheckpointSafety, Trainer):
         self._window = _LogWindow()
         self._counters: dict[str, float] | None = None  # forward_passes / wall_time, carried across resumes
         self._chunks_loss: dict[int, bool] = {}  # id(model) -> whether its probes compute the loss in chunks
+
+    def _check_sharding_plugins(self) -> None:
+        """ZO trains FSDP2's shards (accelerate's plugin with fsdp_version 2, or a model loaded sharded); refuse the
+        rest before any work."""
+        supported = ("shard with FSDP2: accelerate's FSDP plugin with fsdp_version 2 (`fsdp_config={'version': 2}`, "
+                     "accelerate_configs/fsdp2.yaml), or `from_pretrained(..., distributed_config=DistributedConfig("
+                     "fsdp_size=N))`; or train the whole model on every process, data-parallel "
+                     "(accelerate_configs/multi_gpu_fp16.yaml): a ZO step runs at inference memory. FO-only runs "
+                     "(training_order='fo') may use any plugin")
+        if self.is_deepspeed_enabled or self.args.deepspeed:
+            raise ValueError(f"ZO training does not take DeepSpeed (`deepspeed`): its engine owns the optimizer step "
+                             f"the ZO update replaces. To shard the model, {supported}.")
+        if self.is_fsdp_enabled:
+            version = self.accelerator.state.fsdp_plugin.fsdp_version
+            if version != 2:
+                raise ValueError(f"ZO training does not take FSDP version {version} (flat parameters hide the "
+                                 f"per-parameter shards the probes perturb): {supported}.")
+        elif self.args.fsdp:
+            raise ValueError(
+                f"fsdp={self.args.fsdp!r} on {self.args.device.type}: accelerate enables its FSDP plugin on GPUs and "
+                "other accelerators only, so this run would train the whole model on every process. On CPU processes "
+                "load the model sharded, `from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))`, "
+                "and unset `fsdp`; or unset it to train the whole model on every process.")
 
     def _zo_args(self, args: TrainingArguments | None) -> ZOConfig:
         """``args`` as an instance of the ZO config of its class (or of `args_class`), every value kept."""

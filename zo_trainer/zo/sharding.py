@@ -81,6 +81,16 @@ def load_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
     local.copy_(whole.reshape(-1)[first : first + local.numel()])
 
 
+def gather_weights(model: nn.Module) -> dict:
+    """``model.state_dict()`` with sharded tensors gathered whole (tied entries stay one tensor): what an unsharded
+    model would save. Collective: every process calls it."""
+    whole: dict[int, torch.Tensor] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in whole:
+            whole[id(t)] = t.detach().full_tensor() if is_sharded(t) else t.detach()
+    return {name: whole[id(t)] for name, t in model.state_dict(keep_vars=True).items()}
+
+
 def gather_state(state_dict: dict) -> dict:
     """An optimizer's ``state_dict()`` with the buffers of sharded parameters gathered whole: what an unsharded run's
     optimizer holds, so it loads on any number of processes (`shard_state`). Collective: every process calls it."""
