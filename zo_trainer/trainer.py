@@ -129,7 +129,7 @@ class ZOTrainer(CheckpointSafety, Trainer):
         """ZO trains FSDP2's shards (accelerate's plugin with fsdp_version 2, or a model loaded sharded); refuse the
         rest before any work."""
         supported = ("shard with FSDP2: accelerate's FSDP plugin with fsdp_version 2 (`fsdp_config={'version': 2}`, "
-                     "accelerate_configs/fsdp2.yaml), or `from_pretrained(..., distributed_config=DistributedConfig("
+                     "accelerate_configs/fsdp.yaml), or `from_pretrained(..., distributed_config=DistributedConfig("
                      "fsdp_size=N))`; or train the whole model on every process, data-parallel "
                      "(accelerate_configs/multi_gpu_fp16.yaml): a ZO step runs at inference memory. FO-only runs "
                      "(training_order='fo') may use any plugin")
