@@ -85,10 +85,12 @@ def gather_weights(model: nn.Module) -> dict:
     """``model.state_dict()`` with sharded tensors gathered whole (tied entries stay one tensor): what an unsharded
     model would save. Collective: every process calls it."""
     whole: dict[int, torch.Tensor] = {}
-    for t in model.state_dict(keep_vars=True).values():
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in whole:
             whole[id(t)] = t.detach().full_tensor() if is_sharded(t) else t.detach()
-    return {name: whole[id(t)] for name, t in model.state_dict(keep_vars=True).items()}
+        out[name] = whole[id(t)]
+    return out
 
 
 def gather_state(state_dict: dict) -> dict:
